@@ -1,0 +1,21 @@
+"""Shared fixtures: the real PCam sample beside the repo, and isolated cache/results folders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+PCAM_SAMPLE = Path(os.environ.get("PCAM_SAMPLE_DIR", REPO.parent / "shared" / "pcam_sample"))
+
+
+@pytest.fixture(scope="session")
+def pcam_sample_dir() -> Path:
+    """The 4,000 real Kaggle patches in ../shared/pcam_sample (never copied into the repo)."""
+    if not (PCAM_SAMPLE / "train_labels.csv").is_file():
+        pytest.skip(f"real PCam sample not found at {PCAM_SAMPLE} (set PCAM_SAMPLE_DIR, or run in the dev/CI checkout with ../shared)")
+    return PCAM_SAMPLE
