@@ -1,0 +1,137 @@
+"""Kaggle submission files: read the expected ids, check a submission, write it atomically.
+
+A submission is ``id,label`` with one row per test patch, in the order of sample_submission.csv,
+and label = the predicted probability of tumour (the metric is ROC AUC, so hard 0/1 labels would
+throw the ranking away). Everything here is pure file/array work so the refit and predict CLIs,
+and the tests, share one definition of "valid".
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from datasets.errors import DataError, UserError
+
+TMP_MARK = ".tmp-"  # temporary files are "<dir>/.<final name>.tmp-<pid>"; see atomic_path()
+
+
+def atomic_path(final: Path) -> Path:
+    """A temporary sibling of ``final`` (same folder, so os.replace is an atomic rename)."""
+    return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
+
+
+def clean_stale_tmp(final: Path) -> list[Path]:
+    """Remove temporaries of ``final`` left by a killed writer; returns what was removed.
+
+    A writer that is SIGKILLed between writing its temporary and renaming it leaves the
+    temporary behind; the real file is untouched. The pid suffix keeps a live writer's
+    temporary apart, so only files of dead processes are removed.
+    """
+    removed = []
+    for tmp in final.parent.glob(f".{final.name}{TMP_MARK}*"):
+        pid = tmp.name.rsplit(TMP_MARK, 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def read_id_csv(path: Path, what: str, need_label: bool = False) -> pd.DataFrame:
+    """Read an ``id[,label]`` CSV with ids as strings; one-line DataError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} not found")
+    try:
+        df = pd.read_csv(path, dtype={"id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{what} {path} is not a readable CSV ({str(e).splitlines()[0]})") from None
+    missing = [c for c in (["id", "label"] if need_label else ["id"]) if c not in df.columns]
+    if missing:
+        raise DataError(f"{what} {path} lacks column(s) {', '.join(missing)} (expected a header 'id,label')")
+    if df["id"].isna().any():
+        row = int(np.flatnonzero(df["id"].isna().to_numpy())[0]) + 2  # +1 header, +1 one-based
+        raise DataError(f"{what} {path} row {row}: empty id")
+    dup = df["id"][df["id"].duplicated()]
+    if len(dup):
+        raise DataError(f"{what} {path}: id {dup.iloc[0]!r} appears more than once")
+    return df
+
+
+def read_test_labels(path: Path, ids: np.ndarray) -> np.ndarray:
+    """Labels (0/1, int8) of ``ids`` from an ``id,label`` CSV such as pcam_sample/test_labels.csv."""
+    df = read_id_csv(path, "--test-labels file", need_label=True)
+    labels = pd.to_numeric(df["label"], errors="coerce")
+    bad = ~labels.isin([0, 1])
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"--test-labels file {path} row {row + 2}: label {str(df['label'].iloc[row])!r} is not 0 or 1")
+    by_id = pd.Series(labels.to_numpy(dtype=np.int8), index=df["id"])
+    missing = pd.Index(ids).difference(by_id.index)
+    if len(missing):
+        raise DataError(
+            f"--test-labels file {path} has no label for {len(missing)} of the {len(ids)} test ids "
+            f"(e.g. {missing[0]}): pass the labels of this test set"
+        )
+    return by_id.loc[list(ids)].to_numpy()
+
+
+def check_submission(df: pd.DataFrame, expected_ids: Iterable[str], where: str = "submission") -> None:
+    """Raise UserError unless ``df`` is a valid submission for ``expected_ids`` (same ids, same order)."""
+    expected = np.asarray(list(expected_ids), dtype=str)
+    if list(df.columns) != ["id", "label"]:
+        raise UserError(f"{where}: columns are {list(df.columns)}, expected ['id', 'label']")
+    if len(df) != len(expected):
+        raise UserError(f"{where}: {len(df)} rows, expected {len(expected)} (one per test id)")
+    ids = df["id"].astype(str).to_numpy()
+    mismatch = np.flatnonzero(ids != expected)
+    if len(mismatch):
+        i = int(mismatch[0])
+        raise UserError(f"{where} row {i + 2}: id {str(ids[i])!r} where sample_submission.csv has {str(expected[i])!r}")
+    label = pd.to_numeric(df["label"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(label) | (label < 0) | (label > 1))
+    if len(bad):
+        i = int(bad[0])
+        raise UserError(f"{where} row {i + 2}: label {df['label'].iloc[i]} is not a probability in [0, 1]")
+
+
+def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, expected_ids: Iterable[str] | None = None) -> Path:
+    """Write ``id,label`` atomically; the file read back is validated before it replaces ``path``.
+
+    A crash at any point leaves either the previous submission or the new complete one, never a
+    truncated file; a submission that fails validation never reaches ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    expected = ids if expected_ids is None else expected_ids
+    df = pd.DataFrame({"id": np.asarray(ids, dtype=str), "label": np.asarray(probs, dtype=np.float64)})
+    check_submission(df, expected, where=f"submission for {path}")
+    tmp = atomic_path(path)
+    try:
+        # %.6g keeps the ranking (6 significant digits) at a third of repr()'s file size.
+        df.to_csv(tmp, index=False, float_format="%.6g")
+        _fsync(tmp)
+        check_submission(read_id_csv(tmp, "submission"), expected, where=f"submission {tmp}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
