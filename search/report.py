@@ -1,0 +1,208 @@
+"""End-of-search outputs: trial status wording, the leaderboard, best_config.json and the PNG pictures.
+
+Shared by the CLI (search.run) and the MLflow callback (search.tracking) so a trial's status reads the
+same in the leaderboard and in its MLflow child run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+TOP_K = 10
+# Per-epoch metrics the trainable reports (docs/architecture.md); logged to MLflow and plotted.
+EPOCH_METRICS = ("val_auc", "val_loss", "val_acc", "train_loss", "lr", "epoch_seconds", "images_per_s")
+
+
+def error_line(error) -> str:
+    """The one informative line of a (Ray-wrapped) exception: its last non-empty line, e.g. 'ValueError: boom'."""
+    if error is None:
+        return ""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
+def trial_status(last: dict | None, max_epochs: int, *, error=None, finished: bool = True,
+                 budget_hit: bool = False) -> str:
+    """completed | stopped by ASHA at epoch k | stopped by time budget at epoch k | diverged at epoch k |
+    errored: <error> | interrupted at epoch k | pending."""
+    if error is not None:
+        return f"errored: {error_line(error)}"
+    if not last:
+        return "pending" if not finished else "ended without reporting"
+    epoch = int(last.get("epoch", last.get("training_iteration", 0)))
+    if last.get("trial_status") == "diverged":
+        return f"diverged at epoch {epoch}"
+    if last.get("trial_status") == "completed" or last.get("training_iteration", 0) >= max_epochs:
+        return "completed"
+    if not finished:
+        return f"interrupted at epoch {epoch}"
+    return f"stopped by {'time budget' if budget_hit else 'ASHA'} at epoch {epoch}"
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    config: dict
+    status: str
+    best_val_auc: float
+    best_epoch: int
+    epochs_run: int
+    history: pd.DataFrame  # one row per reported epoch
+    checkpoint_path: str | None  # checkpoint of the best epoch (kept by CheckpointConfig)
+    error: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _best_checkpoint_path(result, best_epoch: int) -> str | None:
+    """The kept checkpoint of the best epoch (CheckpointConfig keeps the best by val_auc, plus the latest)."""
+    best = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get("val_auc") is not None]
+    if not best:
+        return None
+    for ckpt, m in best:
+        if int(m.get("epoch", -1)) == best_epoch:
+            return ckpt.path
+    return max(best, key=lambda cm: cm[1]["val_auc"])[0].path
+
+
+def summarize(result_grid, max_epochs: int, budget_hit: bool = False) -> list[TrialSummary]:
+    """One summary per trial, best first. Trials that never reported rank last with AUC NaN."""
+    from ray.tune.experiment import Trial
+
+    # The ResultGrid builds its results in the order of the analysis' trials; the Trial objects add the
+    # trial state (finished or not), which a Result alone does not carry.
+    trials = result_grid._experiment_analysis.trials
+    out = []
+    for trial, result in zip(trials, result_grid):
+        hist = result.metrics_dataframe
+        if hist is None or "val_auc" not in getattr(hist, "columns", []):
+            hist = pd.DataFrame(columns=["epoch", *EPOCH_METRICS])
+        hist = hist.dropna(subset=["val_auc"]).drop_duplicates("training_iteration", keep="last") \
+            if "training_iteration" in hist.columns else hist
+        if len(hist):
+            i = int(np.nanargmax(hist["val_auc"].to_numpy(dtype=float)))
+            best_auc, best_epoch = float(hist["val_auc"].iloc[i]), int(hist["epoch"].iloc[i])
+        else:
+            best_auc, best_epoch = math.nan, 0
+        finished = trial.status in (Trial.TERMINATED, Trial.ERROR)
+        status = trial_status(trial.last_result or None, max_epochs, error=result.error, finished=finished,
+                              budget_hit=budget_hit)
+        out.append(TrialSummary(
+            trial_id=trial.trial_id, config=dict(trial.config), status=status, best_val_auc=best_auc,
+            best_epoch=best_epoch, epochs_run=int(hist["epoch"].max()) if len(hist) else 0, history=hist,
+            checkpoint_path=_best_checkpoint_path(result, best_epoch), error=error_line(result.error)))
+    out.sort(key=lambda s: (-s.best_val_auc if not math.isnan(s.best_val_auc) else math.inf))
+    return out
+
+
+def searched_keys(summaries: list[TrialSummary]) -> list[str]:
+    """Config keys that vary across trials: the ones worth a leaderboard column."""
+    keys = sorted({k for s in summaries for k in s.config})
+    return [k for k in keys if len({repr(s.config.get(k)) for s in summaries}) > 1] or ["backbone"]
+
+
+def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
+    keys = searched_keys(summaries)
+    rows = []
+    for rank, s in enumerate(summaries, 1):
+        row = {"rank": rank, "trial_id": s.trial_id, "best_val_auc": round(s.best_val_auc, 4),
+               "best_epoch": s.best_epoch, "epochs_run": s.epochs_run, "status": s.status,
+               "backbone": s.config.get("backbone")}
+        for k in keys:
+            v = s.config.get(k)
+            row[k] = float(f"{v:.4g}") if isinstance(v, float) else v
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_leaderboard(board: pd.DataFrame, top_k: int = TOP_K) -> str:
+    shown = board.head(top_k).copy()
+    shown["status"] = shown["status"].str.slice(0, 60)
+    title = f"Leaderboard (top {min(top_k, len(board))} of {len(board)} trials, by best val_auc)"
+    return title + "\n" + shown.to_string(index=False)
+
+
+def best_config_record(best: TrialSummary, **context) -> dict:
+    """The best_config.json record (schema in docs/architecture.md; search.refit_best reads it)."""
+    return {
+        "name": context["name"], "space": context["space"], "config": _jsonable(best.config),
+        "trial_id": best.trial_id, "best_val_auc": best.best_val_auc, "best_epoch": best.best_epoch,
+        "epochs_run": best.epochs_run, "status": best.status,
+        "experiment_path": context["experiment_path"], "checkpoint_path": best.checkpoint_path,
+        "data_dir": context["data_dir"], "cache_path": context["cache_path"],
+        "data_fingerprint": context["data_fingerprint"], "tracking_uri": context["tracking_uri"],
+        "mlflow_experiment": context["name"], "parent_run_id": context["parent_run_id"],
+        "child_run_id": context.get("child_run_id"),
+    }
+
+
+def _jsonable(config: dict) -> dict:
+    return json.loads(json.dumps(config, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def write_json(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)  # atomic: refit_best never reads half a file
+
+
+def plot_roc(best: TrialSummary, out: Path) -> Path | None:
+    """ROC curve of the best trial from its best checkpoint's val_predictions.npz."""
+    if not best.checkpoint_path or not (Path(best.checkpoint_path) / "val_predictions.npz").is_file():
+        return None
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    with np.load(Path(best.checkpoint_path) / "val_predictions.npz") as f:
+        labels, probs = f["labels"], f["probs"]
+    if len(np.unique(labels)) < 2:
+        return None
+    fpr, tpr, _ = roc_curve(labels, probs)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"{best.trial_id} (AUC {roc_auc_score(labels, probs):.4f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title=f"Best trial ROC, epoch {best.best_epoch} ({best.config.get('backbone')})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_learning_curves(summaries: list[TrialSummary], out: Path) -> Path | None:
+    """Left: val AUC per epoch of every trial (best in bold). Right: train/val loss of the best trial."""
+    with_hist = [s for s in summaries if len(s.history)]
+    if not with_hist:
+        return None
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for s in reversed(with_hist):
+        best = s is with_hist[0]
+        ax1.plot(s.history["epoch"], s.history["val_auc"], marker="o", ms=3, lw=2.5 if best else 1,
+                 alpha=1 if best else 0.5, label=f"{s.trial_id} (best)" if best else None)
+    ax1.set(xlabel="epoch", ylabel="val AUC", title="Validation AUC per trial (ASHA stops show as short lines)")
+    ax1.legend(loc="lower right")
+    h = with_hist[0].history
+    for key in ("train_loss", "val_loss"):
+        if key in h:
+            ax2.plot(h["epoch"], h[key], marker="o", label=key)
+    ax2.set(xlabel="epoch", ylabel="loss", title=f"Best trial {with_hist[0].trial_id}")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # the driver may have no display (a cluster head, CI)
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,467 @@
+"""`python -m search.run --space NAME`: Ray Tune + Optuna TPE + ASHA over a named space, tracked in MLflow.
+
+Order of work, so that every mistake the user can fix costs seconds, not a Ray start:
+options -> space/backbones -> pretrained weights -> data (decoded once into the cache, by the driver) ->
+Ray -> MLflow parent -> Tuner (new or restored) -> leaderboard, best_config.json, pictures, mlflow command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets.errors import UserError, run_cli
+from search import report, tracking
+from search.spaces import SpaceOptions, define_by_run, get_space, list_spaces, pretrained_backbones_used, \
+    resolve_backbones
+
+METRIC, MODE = "val_auc", "max"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'90', '90s', '30m', '1.5h', '1h30m' -> seconds; None/'' -> None (no budget)."""
+    if text in (None, ""):
+        return None
+    s = str(text).strip().lower()
+    if s.startswith("-"):
+        raise UserError(f"--time-budget {text!r} is negative; give a positive duration like 600, 30m or 2h")
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        seconds = float(s)
+    else:
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", s)
+        if not parts or not any(parts.groups()):
+            raise UserError(f"--time-budget {text!r} is not a duration; use seconds (600) or 30m, 2h, 1h30m")
+        h, m, sec = (float(g or 0) for g in parts.groups())
+        seconds = h * 3600 + m * 60 + sec
+    if seconds <= 0:
+        raise UserError(f"--time-budget {text!r} must be more than zero")
+    return seconds
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line like every other user error, not usage + message
+        raise UserError(f"{message} (see python -m search.run --help)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = _ArgumentParser(
+        prog="python -m search.run",
+        description="Hyperparameter search for PCam patch classifiers: Ray Tune + Optuna TPE + ASHA, MLflow tracking.")
+    p.add_argument("--space", help="named search space (see --list-spaces)")
+    p.add_argument("--list-spaces", action="store_true", help="list the search spaces and exit")
+    p.add_argument("--data-dir", help="Kaggle folder or PCam HDF5 folder (default: the embedded synthetic data)")
+    p.add_argument("--num-samples", type=int, help="number of trials (default: per space)")
+    p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops (default: per space)")
+    p.add_argument("--time-budget", help="stop the search after this long: seconds, or 30m, 2h, 1h30m")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: from the hardware)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractional allowed e.g. 0.25 "
+                   "(default: 0.5 when GPUs exist, else 0)")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once (default: what the resources fit)")
+    p.add_argument("--name", help="experiment name (default: <space>-<date>-<time>); re-using a name resumes it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the experiment --name (or the newest one of --space) after Ctrl-C or a crash")
+    p.add_argument("--address", help="join an existing Ray cluster, e.g. auto or ray://head:10001")
+    p.add_argument("--storage-path", help="where Ray keeps the experiment (default <results>/ray); on a "
+                   "multi-node cluster use shared storage (NFS path) or an object store URI (s3://, gs://)")
+    p.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///<results>/mlflow.db)")
+    p.add_argument("--seed", type=int, help="seed of the TPE sampler and of the trials (default 0)")
+    p.add_argument("--backbones", help="comma-separated backbones to choose from (backbones/baseline spaces)")
+    p.add_argument("--backbone", help="the backbone to fine-tune (finetune space)")
+    p.add_argument("--no-pretrained", action="store_true", help="train every backbone from scratch")
+    p.set_defaults(pretrained=None)
+    p.add_argument("--grace-period", type=int, help="ASHA: epochs every trial gets before it can be stopped")
+    p.add_argument("--reduction-factor", type=float, help="ASHA: keep the top 1/this at each rung")
+    p.add_argument("--no-pruned-feedback", action="store_true", help=argparse.SUPPRESS)  # for search.bench
+    p.add_argument("--results-dir", help="results root (default $PCAM_TUNE_RESULTS, else ./results)")
+    p.add_argument("--cache-dir", help="decode-once cache root (default $PCAM_TUNE_CACHE, else ~/.cache/pcam-tune)")
+    p.add_argument("--top-k", type=int, default=report.TOP_K, help="leaderboard rows printed (default 10)")
+    return p
+
+
+@dataclass
+class Plan:
+    """Everything decided before Ray starts."""
+
+    args: argparse.Namespace
+    space: object
+    opts: SpaceOptions
+    backbones: tuple
+    num_samples: int
+    max_epochs: int
+    grace_period: int
+    reduction_factor: float
+    time_budget_s: float | None
+    cpus_per_trial: float
+    gpus_per_trial: float
+    max_concurrent: int
+    name: str
+    results_dir: Path
+    storage_path: str
+    experiment_path: str
+    resume: bool
+    tracking_uri: str
+
+
+def _positive(value, option: str, allow_zero: bool = False):
+    if value is not None and (value < 0 or (value == 0 and not allow_zero) or
+                              (isinstance(value, float) and not math.isfinite(value))):
+        raise UserError(f"{option} {value} must be {'zero or more' if allow_zero else 'more than zero'}")
+    return value
+
+
+def local_hardware() -> tuple[int, int]:
+    """(CPUs usable by this process, CUDA GPUs). device_count() uses NVML and creates no CUDA context."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:
+        gpus = 0
+    return cpus, gpus
+
+
+def resource_defaults(args, cpus: int, gpus: int, num_samples: int) -> tuple[float, float, int]:
+    """cpus/gpus per trial and concurrency: share GPUs two trials each (96 px nets leave a GPU idle), and give
+    each trial an equal slice of the CPUs (data feeding) without exceeding what the machine has."""
+    gpt = args.gpus_per_trial if args.gpus_per_trial is not None else (0.5 if gpus else 0.0)
+    if gpt > gpus and args.address is None:
+        raise UserError(f"--gpus-per-trial {gpt} but this machine has {gpus} GPU(s); "
+                        f"use at most {gpus}{' (or 0 for CPU)' if gpus else ' (train on CPU)'}")
+    if gpt > 1 and gpt != int(gpt):
+        raise UserError(f"--gpus-per-trial {gpt}: above 1 it must be a whole number of GPUs")
+    slots = int(gpus // gpt) if gpt else None
+    if args.max_concurrent is not None:
+        conc = args.max_concurrent
+    elif slots:
+        conc = max(1, slots)
+    else:
+        cpt0 = args.cpus_per_trial or (1 if cpus <= 4 else 2)
+        conc = max(1, int(cpus // cpt0))
+    conc = max(1, min(conc, num_samples))
+    cpt = args.cpus_per_trial if args.cpus_per_trial is not None else max(1, cpus // conc)
+    if cpt > cpus and args.address is None:
+        raise UserError(f"--cpus-per-trial {cpt} but this machine has {cpus} CPU(s)")
+    return float(cpt), float(gpt), conc
+
+
+def results_root(args) -> Path:
+    return Path(args.results_dir or os.environ.get("PCAM_TUNE_RESULTS") or "results").resolve()
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _newest_experiment(storage_path: str, space: str | None) -> str | None:
+    if _is_uri(storage_path) or not Path(storage_path).is_dir():
+        return None
+    runs = [p for p in Path(storage_path).iterdir()
+            if (p / "tuner.pkl").is_file() and (space is None or p.name.startswith(f"{space}-"))]
+    return max(runs, key=lambda p: p.stat().st_mtime).name if runs else None
+
+
+SETTINGS_FILE = "search.json"
+# Settings a resumed search takes from its first run (the Ray state already holds the searcher, scheduler and
+# trial configs built from them); CLI values for these are ignored on resume.
+RESUMED_SETTINGS = ("space", "backbones", "pretrained", "backbone", "num_samples", "max_epochs", "grace_period",
+                    "reduction_factor", "time_budget", "seed", "data_dir", "tracking_uri")
+
+
+def _load_settings(results: Path, name: str) -> dict | None:
+    path = results / name / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _apply_saved_settings(args, saved: dict) -> None:
+    """Resume with the settings the search started with; a different --space or --data-dir is an error."""
+    for key, option in (("space", "--space"), ("data_dir", "--data-dir")):
+        given = getattr(args, key)
+        if given is not None and saved.get(key) is not None and \
+                (Path(given).resolve() != Path(saved[key]) if key == "data_dir" else given != saved[key]):
+            raise UserError(f"search {args.name!r} was started with {option} {saved[key]}; resume it with that "
+                            f"(or drop {option}), or start a new search with another --name")
+    ignored = [k for k in RESUMED_SETTINGS if k not in ("space", "data_dir") and getattr(args, k) is not None
+               and getattr(args, k) not in (False, saved.get(k))]
+    if ignored:
+        print(f"note: resuming {args.name!r} with its original settings; ignoring "
+              + ", ".join("--" + k.replace("_", "-") for k in ignored), flush=True)
+    for k in RESUMED_SETTINGS:
+        setattr(args, k, saved.get(k))
+
+
+def make_plan(argv=None) -> Plan | None:
+    args = get_args_parser().parse_args(argv)
+    if args.list_spaces:
+        print(list_spaces())
+        return None
+    results = results_root(args)
+    storage = args.storage_path or str(results / "ray")
+    if not _is_uri(storage):
+        storage = str(Path(storage).resolve())
+    if args.space:
+        get_space(args.space)  # an unknown space fails first, whatever else is wrong
+    if args.resume and not args.name:
+        args.name = _newest_experiment(storage, args.space)
+        if not args.name:
+            raise UserError(f"--resume: no {args.space or ''} experiment found under {storage}; pass --name NAME")
+    if args.name and not NAME_RE.match(args.name):
+        raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' or '-' (up to 100 characters)")
+    from ray import tune
+
+    resume = bool(args.name) and tune.Tuner.can_restore(f"{storage.rstrip('/')}/{args.name}")
+    if args.resume and not resume:
+        raise UserError(f"--resume: nothing to resume at {storage.rstrip('/')}/{args.name}; "
+                        "drop --resume to start a new search")
+    saved = _load_settings(results, args.name) if resume else None
+    if saved:
+        _apply_saved_settings(args, saved)
+    args.seed = 0 if args.seed is None else args.seed
+    if not args.space:
+        raise UserError("--space is required; one of: " + ", ".join(_space_names()) + " (see --list-spaces)")
+    space = get_space(args.space)
+    for opt in ("num_samples", "max_epochs", "grace_period", "max_concurrent"):
+        _positive(getattr(args, opt), "--" + opt.replace("_", "-"))
+    _positive(args.cpus_per_trial, "--cpus-per-trial")
+    _positive(args.gpus_per_trial, "--gpus-per-trial", allow_zero=True)
+    if args.reduction_factor is not None and args.reduction_factor <= 1:
+        raise UserError(f"--reduction-factor {args.reduction_factor} must be more than 1 (e.g. 2 or 3)")
+    time_budget_s = parse_duration(args.time_budget)
+    max_epochs = args.max_epochs or space.max_epochs
+    grace = args.grace_period or min(space.grace_period, max_epochs)
+    if grace > max_epochs:
+        raise UserError(f"--grace-period {grace} is more than --max-epochs {max_epochs}")
+    num_samples = args.num_samples or space.num_samples
+    if isinstance(args.backbones, str):
+        args.backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    args.pretrained = not args.no_pretrained if args.pretrained is None else args.pretrained
+    opts = SpaceOptions(backbones=tuple(args.backbones) if args.backbones else None, pretrained=args.pretrained,
+                        backbone=args.backbone, max_epochs=max_epochs, seed=args.seed)
+    backbones = resolve_backbones(space, opts)
+    check_weights(space, backbones, opts)
+
+    cpus, gpus = local_hardware()
+    cpt, gpt, conc = resource_defaults(args, cpus, gpus, num_samples)
+    name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Plan(args=args, space=space, opts=opts, backbones=backbones, num_samples=num_samples,
+                max_epochs=max_epochs, grace_period=grace,
+                reduction_factor=args.reduction_factor or space.reduction_factor, time_budget_s=time_budget_s,
+                cpus_per_trial=cpt, gpus_per_trial=gpt, max_concurrent=conc, name=name, results_dir=results,
+                storage_path=storage, experiment_path=f"{storage.rstrip('/')}/{name}", resume=resume,
+                tracking_uri=tracking.default_tracking_uri(results, args.tracking_uri))
+
+
+def save_settings(plan: Plan, data_fingerprint: str) -> None:
+    a = plan.args
+    settings = {"space": plan.space.name, "backbones": list(a.backbones) if a.backbones else None,
+                "pretrained": plan.opts.pretrained, "backbone": a.backbone, "num_samples": plan.num_samples,
+                "max_epochs": plan.max_epochs, "grace_period": plan.grace_period,
+                "reduction_factor": plan.reduction_factor, "time_budget": a.time_budget, "seed": a.seed,
+                "data_dir": str(Path(a.data_dir).resolve()) if a.data_dir else None,
+                "data_fingerprint": data_fingerprint, "tracking_uri": plan.tracking_uri,
+                "experiment_path": plan.experiment_path}
+    report.write_json(plan.results_dir / plan.name / SETTINGS_FILE, settings)
+
+
+def _space_names():
+    from search.spaces import SPACES
+
+    return list(SPACES)
+
+
+def check_weights(space, backbones, opts) -> None:
+    """Fail before Ray starts when a pretrained backbone of the space has no weights in the cache."""
+    needed = pretrained_backbones_used(space, backbones, opts)
+    if not needed:
+        return
+    from trainables.weights import missing_weights
+
+    missing = missing_weights(needed)
+    if not missing:
+        return
+    files = "; ".join(f"{b}: {f} (expected at {p})" for b, f, p in missing)
+    have = [b for b in backbones if b not in {m[0] for m in missing}]
+    raise UserError(
+        f"pretrained weights missing for {len(missing)} backbone(s): {files}. Ways out: "
+        f"(1) import a downloaded file: python -m trainables.weights import FILE --backbone NAME; "
+        f"(2) restrict the search: --backbones {','.join(have) or 'baseline_bn'}; "
+        f"(3) train from scratch: --no-pretrained")
+
+
+def build_tuner(plan: Plan, trainable, parent_run_id: str, pruned_feedback: bool = True):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from search.searcher import make_searcher
+
+    callback = tracking.MlflowTrialCallback(plan.tracking_uri, plan.name, parent_run_id, plan.max_epochs,
+                                            plan.time_budget_s)
+    if plan.resume:
+        # Searcher (TPE study), scheduler (ASHA rungs), trials and the callback come back from the experiment
+        # state; finished trials are not re-run, unfinished ones continue from their latest checkpoint.
+        return tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    searcher = make_searcher(define_by_run(plan.space, plan.backbones, plan.opts), seed=plan.args.seed,
+                             num_samples=plan.num_samples, max_t=plan.max_epochs, metric=METRIC, mode=MODE,
+                             pruned_feedback=pruned_feedback)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_epochs,
+                              grace_period=plan.grace_period, reduction_factor=plan.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                    num_samples=plan.num_samples, max_concurrent_trials=plan.max_concurrent,
+                                    time_budget_s=plan.time_budget_s),
+        run_config=tune.RunConfig(
+            name=plan.name, storage_path=plan.storage_path, callbacks=[callback],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
+                                                    checkpoint_score_order=MODE),
+            # Errors in a trial are recorded and the search goes on; on a cluster, retry a trial whose node
+            # died (from its checkpoint) before calling it failed.
+            failure_config=tune.FailureConfig(max_failures=2 if plan.args.address else 0, fail_fast=False),
+            progress_reporter=tune.CLIReporter(
+                metric_columns={"epoch": "epoch", "val_auc": "val_auc", "val_loss": "val_loss",
+                                "train_loss": "train_loss", "trial_status": "status"},
+                parameter_columns=["backbone", "lr", "weight_decay", "aug_strength", "unfreeze_depth",
+                                   "batch_size", "dropout"],
+                metric=METRIC, mode=MODE, sort_by_metric=True, max_report_frequency=15),
+            verbose=1),
+    )
+
+
+def start_ray(plan: Plan) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        kwargs = {"address": plan.args.address} if plan.args.address else {}
+        ray.init(include_dashboard=False, logging_level="WARNING", **kwargs)
+    if plan.args.address:  # only now can a cluster's resources be checked
+        have = ray.cluster_resources()
+        if plan.gpus_per_trial > have.get("GPU", 0):
+            raise UserError(f"--gpus-per-trial {plan.gpus_per_trial} but the cluster at {plan.args.address} "
+                            f"has {have.get('GPU', 0):g} GPU(s)")
+        if plan.cpus_per_trial > have.get("CPU", 0):
+            raise UserError(f"--cpus-per-trial {plan.cpus_per_trial} but the cluster has {have.get('CPU', 0):g} CPUs")
+
+
+def make_trainable(plan: Plan, cache_path: str):
+    from ray import tune
+
+    from trainables.train import train_pcam
+
+    # The path (not the arrays) goes to the trials: each worker memory-maps the decode-once cache.
+    return tune.with_resources(tune.with_parameters(train_pcam, cache_path=cache_path),
+                               {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
+
+
+def _set_env() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic live table, with our columns
+
+
+def run_search(plan: Plan, progress: bool = True) -> dict:
+    """Run (or resume) the search; returns the best_config record."""
+    from datasets.cache import prepare_dataset
+
+    cache = prepare_dataset(plan.args.data_dir, plan.args.cache_dir, progress=progress)  # DataError: one line
+    data_dir = str(Path(plan.args.data_dir).resolve()) if plan.args.data_dir else None
+    saved = _load_settings(plan.results_dir, plan.name) if plan.resume else None
+    if saved and saved.get("data_fingerprint") not in (None, cache.fingerprint):
+        raise UserError(f"the data of search {plan.name!r} ({data_dir or 'embedded synthetic'}) changed since it "
+                        f"started (fingerprint {saved['data_fingerprint'][:12]} -> {cache.fingerprint[:12]}); "
+                        "start a new search with another --name")
+    out_dir = plan.results_dir / plan.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{'resuming' if plan.resume else 'starting'} search {plan.name!r}: space {plan.space.name}, "
+          f"backbones {','.join(plan.backbones)}, {plan.num_samples} trials x <= {plan.max_epochs} epochs, "
+          f"{plan.max_concurrent} at once ({plan.cpus_per_trial:g} CPU, {plan.gpus_per_trial:g} GPU each), "
+          f"data {cache.source.get('kind')} {cache.fingerprint[:12]}", flush=True)
+
+    params = {"space": plan.space.name, "backbones": ",".join(plan.backbones), "pretrained": plan.opts.pretrained,
+              "num_samples": plan.num_samples, "max_epochs": plan.max_epochs,
+              "time_budget_s": plan.time_budget_s, "scheduler": "ASHA", "grace_period": plan.grace_period,
+              "reduction_factor": plan.reduction_factor, "searcher": "OptunaSearch TPE (pruned-aware)",
+              "seed": plan.args.seed, "data_dir": data_dir or "embedded synthetic",
+              "data_fingerprint": cache.fingerprint, "cache_path": str(cache.path),
+              "cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial,
+              "max_concurrent": plan.max_concurrent}
+    if not saved:
+        save_settings(plan, cache.fingerprint)
+    start_ray(plan)
+    parent_run_id, _ = tracking.open_parent_run(plan.tracking_uri, plan.name, plan.experiment_path, params)
+    tuner = build_tuner(plan, make_trainable(plan, str(cache.path)), parent_run_id,
+                        pruned_feedback=not plan.args.no_pruned_feedback)
+    started = time.monotonic()
+    grid = tuner.fit()
+    budget_hit = bool(plan.time_budget_s) and time.monotonic() - started >= 0.98 * plan.time_budget_s
+    summaries = report.summarize(grid, plan.max_epochs, budget_hit=budget_hit)
+    return finish(plan, summaries, cache, data_dir, parent_run_id, out_dir)
+
+
+def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path) -> dict:
+    board = report.leaderboard(summaries)
+    board_path = out_dir / "leaderboard.csv"
+    board.to_csv(board_path, index=False)
+    interrupted = any(s.status.startswith(("interrupted", "pending")) for s in summaries)
+    print("\n" + report.format_leaderboard(board, plan.args.top_k))
+    ranked = [s for s in summaries if not math.isnan(s.best_val_auc)]
+    if not ranked:
+        tracking.finish_parent(plan.tracking_uri, parent_run_id, metrics={"n_trials": len(summaries)},
+                               tags={"outcome": "no trial reported"}, artifacts=[board_path], status="FAILED")
+        first = next((s.status for s in summaries if s.error), "no trial reported a result")
+        raise UserError(f"no trial of {plan.name} finished an epoch ({first}); see {board_path}")
+    best = ranked[0]
+    child = _child_run_id(plan, parent_run_id, best.trial_id)
+    record = report.best_config_record(
+        best, name=plan.name, space=plan.space.name, experiment_path=plan.experiment_path, data_dir=data_dir,
+        cache_path=str(cache.path), data_fingerprint=cache.fingerprint, tracking_uri=plan.tracking_uri,
+        parent_run_id=parent_run_id, child_run_id=child)
+    best_path = out_dir / "best_config.json"
+    report.write_json(best_path, record)
+    pictures = [report.plot_roc(best, out_dir / "roc_best.png"),
+                report.plot_learning_curves(summaries, out_dir / "learning_curves.png")]
+    counts = {"n_trials": len(summaries),
+              "n_completed": sum(s.status == "completed" for s in summaries),
+              "n_stopped_early": sum(s.status.startswith("stopped") for s in summaries),
+              "n_errored": sum(s.status.startswith(("errored", "diverged")) for s in summaries)}
+    tracking.finish_parent(
+        plan.tracking_uri, parent_run_id,
+        metrics={"best_val_auc": best.best_val_auc, "best_epoch": best.best_epoch, **counts},
+        tags={"best_trial_id": best.trial_id, "best_child_run_id": child or "",
+              "best_backbone": best.config.get("backbone")},
+        artifacts=[board_path, best_path, *pictures], status="KILLED" if interrupted else "FINISHED")
+    print(f"\nbest: trial {best.trial_id} val_auc {best.best_val_auc:.4f} at epoch {best.best_epoch} "
+          f"({best.status})\nleaderboard: {board_path}\nbest config: {best_path}")
+    if interrupted:
+        print(f"search interrupted; continue it with: python -m search.run --space {plan.space.name} "
+              f"--name {plan.name} --resume")
+    print(f"compare the trials in MLflow (experiment {plan.name!r}):\n  {tracking.ui_command(plan.tracking_uri)}")
+    return record
+
+
+def _child_run_id(plan: Plan, parent_run_id: str, trial_id: str) -> str | None:
+    mlf = tracking.client(plan.tracking_uri)
+    runs = tracking.child_runs(mlf, tracking.experiment_id(mlf, plan.name), parent_run_id)
+    return runs[trial_id].info.run_id if trial_id in runs else None
+
+
+@run_cli
+def main(argv=None) -> int:
+    _set_env()
+    plan = make_plan(argv)
+    if plan is None:
+        return 0
+    run_search(plan)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Named search spaces, kept as data: a define-by-run Optuna function plus a few defaults each.
+
+A space is an Optuna define-by-run function (``trial`` -> constants) because the interesting spaces are
+conditional: the unfreeze depth only means something for a pretrained torchvision backbone, and its
+range depends on how many stages that backbone has. Ray's ``OptunaSearch`` calls the function once per
+trial; every ``trial.suggest_*`` becomes a config key, and the returned dict adds the constants.
+
+The functions are module-level and bound with ``functools.partial`` so the searcher pickles into the
+experiment checkpoint, which is what lets ``Tuner.restore`` bring TPE back exactly where it was.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from datasets.errors import UserError
+
+DEFAULT_BASELINE = "baseline_bn"
+
+
+@dataclass(frozen=True)
+class SpaceOptions:
+    """What the CLI lets the user change about a space."""
+
+    backbones: tuple[str, ...] | None = None  # --backbones a,b,c (None: the space's own choice)
+    pretrained: bool = True  # --no-pretrained turns it off
+    backbone: str | None = None  # --backbone (finetune)
+    max_epochs: int = 5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    description: str
+    define: Callable[..., dict]  # define(trial, backbones, opts) -> constants
+    # Defaults the CLI uses unless overridden; the smoke space keeps CI and the CPU demo short.
+    num_samples: int = 16
+    max_epochs: int = 5
+    grace_period: int = 1
+    reduction_factor: int = 2
+    constants: dict = field(default_factory=dict)
+    searches_backbone: bool = True  # honours --backbones
+
+
+def _models():
+    # Imported lazily: `--list-spaces` and option errors should not pay for importing torch.
+    from trainables import models
+
+    return models
+
+
+def baseline_backbones() -> list[str]:
+    m = _models()
+    return [n for n in m.MODELS if not m.is_pretrainable(n)]
+
+
+def pretrainable_backbones() -> list[str]:
+    m = _models()
+    return [n for n in m.MODELS if m.is_pretrainable(n)]
+
+
+def _suggest_unfreeze(trial, backbone: str, opts: SpaceOptions) -> dict:
+    """Unfreeze depth exists only for a pretrained backbone; otherwise every stage trains (None)."""
+    m = _models()
+    if not (opts.pretrained and m.is_pretrainable(backbone)):
+        return {"unfreeze_depth": None}
+    # The range depends on the backbone (Optuna allows a dynamic int range); with the multivariate, grouped
+    # TPE sampler the depth is modelled jointly with the backbone choice that made it exist.
+    # 0 = head only (a linear probe on ImageNet features) .. all stages.
+    return {"unfreeze_depth": trial.suggest_int("unfreeze_depth", 0, _num_stages(backbone))}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_stages(backbone: str) -> int:
+    # num_stages builds the (weightless) network: on the meta device that skips allocating and initialising
+    # the weights (vgg16_bn, densenet121: seconds each on a small CPU), and the cache makes it once per process.
+    import torch
+
+    with torch.device("meta"):
+        return _models().num_stages(backbone)
+
+
+def _common(trial, lr_range: tuple[float, float]) -> None:
+    trial.suggest_float("lr", *lr_range, log=True)
+    trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+    trial.suggest_float("aug_strength", 0.0, 1.0)
+
+
+def define_backbones(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
+    backbone = trial.suggest_categorical("backbone", list(backbones))
+    _common(trial, (1e-4, 1e-2))
+    trial.suggest_categorical("batch_size", [32, 64, 128])
+    return {"pretrained": opts.pretrained, **_suggest_unfreeze(trial, backbone, opts)}
+
+
+def define_baseline(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
+    trial.suggest_categorical("backbone", list(backbones))
+    _common(trial, (3e-4, 3e-2))
+    trial.suggest_float("dropout", 0.0, 0.5)
+    return {"pretrained": False, "unfreeze_depth": None}
+
+
+def define_finetune(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
+    (backbone,) = backbones
+    _common(trial, (1e-5, 3e-3))
+    return {"backbone": backbone, "pretrained": True, **_suggest_unfreeze(trial, backbone, opts)}
+
+
+def define_smoke(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
+    trial.suggest_float("lr", 1e-3, 3e-2, log=True)
+    trial.suggest_float("aug_strength", 0.0, 1.0)
+    return {"backbone": backbones[0], "pretrained": False, "unfreeze_depth": None}
+
+
+SPACES: dict[str, Space] = {
+    s.name: s
+    for s in [
+        Space("backbones", "backbone choice (baseline_bn + torchvision) x lr, weight decay, unfreeze depth "
+              "(pretrained only), augmentation, batch size", define_backbones, num_samples=24, max_epochs=8,
+              grace_period=2, reduction_factor=3),
+        Space("baseline", "baseline CNNs from scratch: lr, weight decay, augmentation, dropout", define_baseline,
+              num_samples=16, max_epochs=8, grace_period=2, reduction_factor=3),
+        Space("finetune", "one pretrained backbone (--backbone): unfreeze depth, lr, weight decay, augmentation",
+              define_finetune, num_samples=16, max_epochs=6, grace_period=1, reduction_factor=3),
+        Space("smoke", "tiny CPU demo/test: baseline_bn on 256 training patches, lr and augmentation, 2 epochs",
+              define_smoke, num_samples=4, max_epochs=2, grace_period=1, reduction_factor=2,
+              constants={"max_train_samples": 256, "batch_size": 64}, searches_backbone=False),
+    ]
+}
+
+
+def get_space(name: str) -> Space:
+    if name not in SPACES:
+        raise UserError(f"unknown --space {name!r}; choose one of: {', '.join(SPACES)} (see --list-spaces)")
+    return SPACES[name]
+
+
+def list_spaces() -> str:
+    width = max(map(len, SPACES))
+    return "\n".join(f"{s.name:<{width}}  {s.description}" for s in SPACES.values())
+
+
+def resolve_backbones(space: Space, opts: SpaceOptions) -> tuple[str, ...]:
+    """The backbones a space will actually search, after --backbones / --backbone; checks every name."""
+    known = list(_models().MODELS)
+    pretrainable = pretrainable_backbones()
+
+    def check(names, allowed, option):
+        for n in names:
+            if n not in allowed:
+                raise UserError(f"unknown backbone {n!r} in {option} for --space {space.name}; "
+                                f"choose from: {', '.join(allowed)}")
+
+    if space.name == "finetune":
+        if not opts.backbone:
+            raise UserError("--space finetune needs --backbone NAME; choose from: " + ", ".join(pretrainable))
+        check([opts.backbone], pretrainable, "--backbone")
+        if not opts.pretrained:
+            raise UserError("--space finetune fine-tunes pretrained weights; drop --no-pretrained "
+                            "(or use --space backbones --no-pretrained to train from scratch)")
+        return (opts.backbone,)
+    if opts.backbone:
+        raise UserError(f"--backbone is for --space finetune; with --space {space.name} use --backbones a,b,c")
+    if space.name == "smoke":
+        if opts.backbones:
+            raise UserError("--space smoke always uses baseline_bn; use --space backbones --backbones ... instead")
+        return (DEFAULT_BASELINE,)
+    allowed = baseline_backbones() if space.name == "baseline" else known
+    if opts.backbones:
+        check(opts.backbones, allowed, "--backbones")
+        return tuple(dict.fromkeys(opts.backbones))  # keep order, drop repeats
+    if space.name == "baseline":
+        return tuple(allowed)
+    return (DEFAULT_BASELINE, *pretrainable)
+
+
+def pretrained_backbones_used(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> list[str]:
+    """Backbones whose ImageNet weights the search will load (for the pre-flight weights check)."""
+    if not opts.pretrained or space.name in ("baseline", "smoke"):
+        return []
+    pretrainable = set(pretrainable_backbones())
+    return [b for b in backbones if b in pretrainable]
+
+
+def define_by_run(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> Callable[[Any], dict]:
+    """The Optuna define-by-run function for this search: the space plus the search-wide constants."""
+    constants = {**space.constants, "epochs": opts.max_epochs, "seed": opts.seed}
+    return functools.partial(_define_with_constants, space.define, backbones, opts, constants)
+
+
+def _define_with_constants(define, backbones, opts, constants, trial) -> dict:
+    return {**constants, **define(trial, backbones, opts)}

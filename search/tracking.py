@@ -1,0 +1,191 @@
+"""MLflow tracking of a search: one parent run per search, one child run per trial, from the driver.
+
+Why a driver-side Tune callback and not MLflow calls inside the trainable: trials may run on other
+nodes that cannot reach a sqlite store, the driver sees every trial's start, results, stop reason and
+error (a trial that crashes cannot log its own crash), and a single writer keeps sqlite happy.
+
+Resume safety: the parent is found again by the Ray experiment path it was created for, and children
+by their `trial_id` tag, so restoring a search continues the same parent and never adds a second child
+for a trial; epochs already logged are not logged twice.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+
+from search.report import EPOCH_METRICS, error_line, trial_status
+
+ROLE_TAG = "pcam_tune.role"
+EXPERIMENT_PATH_TAG = "pcam_tune.experiment_path"
+TRIAL_ID_TAG = "trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_tracking_uri(results_dir: Path, cli_uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<results>/mlflow.db (absolute path)."""
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(results_dir).resolve()}/mlflow.db"
+
+
+def ui_command(tracking_uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def client(tracking_uri: str):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(mlf, name: str) -> str:
+    exp = mlf.get_experiment_by_name(name)
+    if exp is None:
+        return mlf.create_experiment(name)
+    if exp.lifecycle_stage == "deleted":
+        mlf.restore_experiment(exp.experiment_id)  # the user re-runs a name they deleted in the UI
+    return exp.experiment_id
+
+
+def open_parent_run(tracking_uri: str, name: str, experiment_path: str, params: dict) -> tuple[str, bool]:
+    """(parent run id, resumed?): the parent of this Ray experiment if one exists, else a new one."""
+    mlf = client(tracking_uri)
+    exp_id = experiment_id(mlf, name)
+    found = mlf.search_runs(
+        [exp_id], filter_string=f"tags.{ROLE_TAG} = 'parent' and tags.`{EXPERIMENT_PATH_TAG}` = '{experiment_path}'",
+        max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        run_id = found[0].info.run_id
+        mlf.update_run(run_id, status="RUNNING")
+        return run_id, True
+    run = mlf.create_run(exp_id, run_name=f"{name} (search)",
+                         tags={ROLE_TAG: "parent", EXPERIMENT_PATH_TAG: experiment_path})
+    mlf.log_batch(run.info.run_id, params=_params(params))
+    return run.info.run_id, False
+
+
+def child_runs(mlf, exp_id: str, parent_run_id: str) -> dict[str, object]:
+    """trial_id -> child Run, for every child of the parent (all pages)."""
+    out, token = {}, None
+    while True:
+        page = mlf.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                               max_results=1000, page_token=token)
+        for run in page:
+            out[run.data.tags.get(TRIAL_ID_TAG)] = run
+        token = page.token
+        if not token:
+            return out
+
+
+def _params(d: dict):
+    from mlflow.entities import Param
+
+    return [Param(str(k), str(v)[:6000]) for k, v in sorted(d.items())]
+
+
+class MlflowTrialCallback(Callback):
+    """Creates/continues one child run per trial under the parent, logging per-epoch metrics and the outcome."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, parent_run_id: str, max_epochs: int,
+                 time_budget_s: float | None = None):
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.parent_run_id = parent_run_id
+        self.max_epochs = max_epochs
+        self.time_budget_s = time_budget_s
+        self._reset()
+
+    def _reset(self):
+        self._mlf = None
+        self._exp_id = None
+        self._runs: dict[str, str] = {}  # trial_id -> child run id
+        self._last_step: dict[str, int] = {}  # trial_id -> last epoch logged (resume: no double logging)
+        self._started = time.monotonic()
+
+    # The callback is pickled into the Ray experiment state (tuner.pkl); the client is not picklable.
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def setup(self, **info):
+        self._mlf = client(self.tracking_uri)
+        self._exp_id = experiment_id(self._mlf, self.experiment_name)
+        self._started = time.monotonic()
+        for trial_id, run in child_runs(self._mlf, self._exp_id, self.parent_run_id).items():
+            self._runs[trial_id] = run.info.run_id
+            hist = self._mlf.get_metric_history(run.info.run_id, "val_auc")
+            self._last_step[trial_id] = max((m.step for m in hist), default=0)
+
+    def _child(self, trial) -> str:
+        if trial.trial_id not in self._runs:
+            config = trial.config
+            run = self._mlf.create_run(
+                self._exp_id, run_name=f"{trial.trial_id} {config.get('backbone', '')}".strip(),
+                tags={PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial.trial_id, ROLE_TAG: "trial",
+                      "backbone": str(config.get("backbone")), "status": "running"})
+            self._mlf.log_batch(run.info.run_id, params=_params(config))
+            self._runs[trial.trial_id] = run.info.run_id
+            self._last_step[trial.trial_id] = 0
+        return self._runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        run_id = self._child(trial)
+        self._mlf.update_run(run_id, status="RUNNING")
+        self._mlf.set_tag(run_id, "status", "running")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        run_id = self._child(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if step <= self._last_step.get(trial.trial_id, 0):
+            return  # re-run of an epoch after a resume: keep the first record of that step
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(result[k]), now, step) for k in EPOCH_METRICS
+                   if isinstance(result.get(k), (int, float))]
+        self._mlf.log_batch(run_id, metrics=metrics)
+        self._last_step[trial.trial_id] = step
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        budget_hit = bool(self.time_budget_s) and time.monotonic() - self._started >= 0.98 * self.time_budget_s
+        status = trial_status(trial.last_result, self.max_epochs, budget_hit=budget_hit)
+        self._finish(trial, status, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = trial.get_error()
+        self._finish(trial, trial_status(trial.last_result, self.max_epochs, error=error), "FAILED",
+                     {"error": error_line(error)})
+
+    def _finish(self, trial, status: str, run_status: str, tags: dict | None = None):
+        run_id = self._child(trial)
+        for k, v in {"status": status, **(tags or {})}.items():
+            self._mlf.set_tag(run_id, k, v)
+        self._mlf.set_terminated(run_id, run_status)
+
+    def on_experiment_end(self, trials, **info):
+        # Trials still running when the search ends (Ctrl-C, time budget) stay resumable: mark them so.
+        for trial in trials:
+            run_id = self._runs.get(trial.trial_id)
+            if run_id and trial.status not in ("TERMINATED", "ERROR"):
+                self._mlf.set_tag(run_id, "status", "interrupted (resumable)")
+                self._mlf.set_terminated(run_id, "KILLED")
+
+
+def finish_parent(tracking_uri: str, parent_run_id: str, *, metrics: dict, tags: dict, artifacts: list[Path],
+                  status: str = "FINISHED") -> None:
+    from mlflow.entities import Metric
+
+    mlf = client(tracking_uri)
+    now = int(time.time() * 1000)
+    mlf.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    for k, v in tags.items():
+        mlf.set_tag(parent_run_id, k, str(v))
+    for path in artifacts:
+        if path and Path(path).is_file():
+            mlf.log_artifact(parent_run_id, str(path))
+    mlf.set_terminated(parent_run_id, status)

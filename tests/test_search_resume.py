@@ -1,0 +1,99 @@
+"""Kill a real `python -m search.run` with SIGKILL mid-search, resume it, and check that no trial and no MLflow
+run is lost or duplicated, and that trials finished before the kill are not trained again."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from search import tracking
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "resume-test"
+NUM_SAMPLES = 5
+
+
+def start_search(tmp_path, *extra, log="first.log"):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "search.run", "--name", NAME, "--results-dir", str(tmp_path / "results"),
+            "--cache-dir", str(tmp_path / "cache"), "--cpus-per-trial", "1", "--max-concurrent", "1", *extra]
+    # Own session: SIGKILL then takes the driver and every Ray process it started, like a crashed machine.
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finished_children(tracking_uri: str) -> dict[str, object]:
+    mlf = tracking.client(tracking_uri)
+    exp = mlf.get_experiment_by_name(NAME)
+    if exp is None:
+        return {}
+    parents = mlf.search_runs([exp.experiment_id], filter_string=f"tags.{tracking.ROLE_TAG} = 'parent'")
+    if not parents:
+        return {}
+    kids = tracking.child_runs(mlf, exp.experiment_id, parents[0].info.run_id)
+    return {t: r for t, r in kids.items() if r.data.tags.get("status") not in (None, "running")}
+
+
+def progress_rows(experiment: Path, trial_id: str) -> int:
+    (trial_dir,) = [p for p in experiment.iterdir() if trial_id in p.name]
+    return len(pd.read_csv(trial_dir / "progress.csv"))
+
+
+def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'results'}/mlflow.db"
+    experiment = tmp_path / "results" / "ray" / NAME
+    proc = start_search(tmp_path, "--space", "smoke", "--num-samples", str(NUM_SAMPLES), "--max-epochs", "3",
+                        "--seed", "5")
+    try:
+        deadline = time.monotonic() + 300
+        done = {}
+        while len(done) < 2:
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no two trials finished in 300 s"
+            time.sleep(1)
+            if (tmp_path / "results" / "mlflow.db").exists():
+                done = finished_children(uri)
+        time.sleep(1.5)  # let Ray write its experiment state after those trials
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    done = finished_children(uri)
+    rows_before = {t: progress_rows(experiment, t) for t in done}
+    assert not (tmp_path / "results" / NAME / "leaderboard.csv").exists()  # it really died mid-search
+
+    # Re-running with only --resume finds the newest search and its original settings (space, seed, epochs).
+    proc = start_search(tmp_path, "--resume", log="second.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    out = (tmp_path / "second.log").read_text()
+    assert "resuming search 'resume-test'" in out and "mlflow ui --backend-store-uri" in out
+
+    board = pd.read_csv(tmp_path / "results" / NAME / "leaderboard.csv")
+    assert len(board) == NUM_SAMPLES and board["trial_id"].is_unique  # none lost, none doubled
+    assert set(done) <= set(board["trial_id"])
+    for trial_id, rows in rows_before.items():  # finished before the kill: not trained again
+        assert progress_rows(experiment, trial_id) == rows
+        assert board.set_index("trial_id").loc[trial_id, "status"] == done[trial_id].data.tags["status"]
+    assert not board["status"].str.startswith(("interrupted", "pending", "errored")).any()
+
+    mlf = tracking.client(uri)
+    exp = mlf.get_experiment_by_name(NAME)
+    parents = mlf.search_runs([exp.experiment_id], filter_string=f"tags.{tracking.ROLE_TAG} = 'parent'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    all_runs = mlf.search_runs([exp.experiment_id], max_results=1000)
+    assert len(all_runs) == NUM_SAMPLES + 1  # one parent, one child per trial
+    kids = tracking.child_runs(mlf, exp.experiment_id, parents[0].info.run_id)
+    assert set(kids) == set(board["trial_id"])
+    for trial_id, run in kids.items():
+        steps = [m.step for m in mlf.get_metric_history(run.info.run_id, "val_auc")]
+        assert steps == sorted(set(steps)) == list(range(1, len(steps) + 1))  # no epoch logged twice
+        assert run.data.tags["status"] == board.set_index("trial_id").loc[trial_id, "status"]
+    best = json.loads((tmp_path / "results" / NAME / "best_config.json").read_text())
+    assert best["parent_run_id"] == parents[0].info.run_id and best["config"]["seed"] == 5

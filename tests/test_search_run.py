@@ -1,0 +1,157 @@
+"""A genuine smoke search (Ray Tune + Optuna + ASHA + MLflow) on the embedded synthetic data, in-process,
+plus an MLflow UI server that must serve the parent run and all its children over its REST API."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from search import run as search_run
+from search import tracking
+
+NUM_SAMPLES = 4
+
+BEST_CONFIG_KEYS = {"name", "space", "config", "trial_id", "best_val_auc", "best_epoch", "epochs_run", "status",
+                    "experiment_path", "checkpoint_path", "data_dir", "cache_path", "data_fingerprint",
+                    "tracking_uri", "mlflow_experiment", "parent_run_id", "child_run_id"}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def search_cache_dir(tmp_path_factory) -> Path:
+    """One decode-once cache of the embedded synthetic data for every search test of the session."""
+    return tmp_path_factory.mktemp("pcam-cache")
+
+
+@pytest.fixture(scope="module")
+def smoke_search(ray_session, search_cache_dir, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    argv = ["--space", "smoke", "--name", "smoke-test", "--num-samples", str(NUM_SAMPLES), "--max-epochs", "2",
+            "--results-dir", str(results), "--cache-dir", str(search_cache_dir), "--cpus-per-trial", "1",
+            "--max-concurrent", "2", "--seed", "3"]
+    # Not through main(): a UserError must fail the test with its message, not become exit code 2.
+    search_run._set_env()
+    record = search_run.run_search(search_run.make_plan(argv), progress=False)
+    return results, record
+
+
+def test_smoke_search_writes_leaderboard_and_best_config(smoke_search):
+    results, record = smoke_search
+    out = results / "smoke-test"
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == NUM_SAMPLES and board["trial_id"].is_unique
+    assert list(board["rank"]) == list(range(1, NUM_SAMPLES + 1))
+    assert board["best_val_auc"].is_monotonic_decreasing
+    assert {"lr", "aug_strength", "status", "epochs_run", "best_epoch", "backbone"} <= set(board.columns)
+    assert board["status"].str.match(r"^(completed|stopped by ASHA at epoch 1|diverged at epoch \d)$").all()
+    assert (board["status"] == "completed").any()
+
+    best = json.loads((out / "best_config.json").read_text())
+    assert set(best) == BEST_CONFIG_KEYS and best == record
+    assert best["trial_id"] == board["trial_id"][0] and best["best_val_auc"] == pytest.approx(board["best_val_auc"][0], abs=1e-4)
+    assert best["config"]["backbone"] == "baseline_bn" and best["config"]["epochs"] == 2
+    assert best["config"]["max_train_samples"] == 256
+    assert 0.5 < best["best_val_auc"] <= 1.0
+    assert Path(best["checkpoint_path"], "checkpoint.pt").is_file()
+    assert Path(best["checkpoint_path"], "val_predictions.npz").is_file()
+    assert Path(best["experiment_path"]) == results / "ray" / "smoke-test"
+    assert best["data_dir"] is None and Path(best["cache_path"]).is_dir() and best["data_fingerprint"]
+    assert best["tracking_uri"] == f"sqlite:///{results}/mlflow.db"
+    assert (out / "roc_best.png").stat().st_size > 1000 and (out / "learning_curves.png").stat().st_size > 1000
+
+
+def test_smoke_search_mlflow_parent_and_children(smoke_search):
+    results, record = smoke_search
+    mlf = tracking.client(record["tracking_uri"])
+    exp = mlf.get_experiment_by_name("smoke-test")
+    parent = mlf.get_run(record["parent_run_id"])
+    assert parent.info.experiment_id == exp.experiment_id and parent.info.status == "FINISHED"
+    assert parent.data.params["space"] == "smoke" and parent.data.params["data_fingerprint"] == record["data_fingerprint"]
+    assert parent.data.params["grace_period"] == "1" and parent.data.params["num_samples"] == str(NUM_SAMPLES)
+    assert parent.data.metrics["best_val_auc"] == pytest.approx(record["best_val_auc"])
+    artifacts = {a.path for a in mlf.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.csv", "best_config.json", "roc_best.png", "learning_curves.png"} <= artifacts
+
+    children = tracking.child_runs(mlf, exp.experiment_id, parent.info.run_id)
+    board = pd.read_csv(results / "smoke-test" / "leaderboard.csv")
+    assert set(children) == set(board["trial_id"])
+    assert record["child_run_id"] == children[record["trial_id"]].info.run_id
+    for trial_id, run in children.items():
+        row = board[board["trial_id"] == trial_id].iloc[0]
+        assert run.data.tags["status"] == row["status"] and run.data.tags["backbone"] == "baseline_bn"
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["lr"]) == pytest.approx(row["lr"], rel=1e-3)
+        steps = [m.step for m in mlf.get_metric_history(run.info.run_id, "val_auc")]
+        assert steps == list(range(1, row["epochs_run"] + 1))  # one point per epoch, step = epoch
+        assert run.data.metrics["val_auc"] == pytest.approx(
+            mlf.get_metric_history(run.info.run_id, "val_auc")[-1].value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_serves_parent_and_children(smoke_search, tmp_path):
+    results, record = smoke_search
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server", "--backend-store-uri",
+           record["tracking_uri"], "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = open(tmp_path / "mlflow-server.log", "wb")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not come up in 90 s"
+            time.sleep(0.5)
+
+        def post(path, body):
+            req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return json.loads(r.read())
+
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=smoke-test",
+                                    timeout=10) as r:
+            exp = json.loads(r.read())["experiment"]
+        runs = post("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+        by_id = {r["info"]["run_id"]: r for r in runs}
+        assert record["parent_run_id"] in by_id
+        kids = [r for r in runs if {"key": "mlflow.parentRunId", "value": record["parent_run_id"]}
+                in r["data"].get("tags", [])]
+        assert len(kids) == NUM_SAMPLES
+        assert {t["value"] for r in kids for t in r["data"]["tags"] if t["key"] == "trial_id"} == \
+            set(pd.read_csv(results / "smoke-test" / "leaderboard.csv")["trial_id"])
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
