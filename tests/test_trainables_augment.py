@@ -1,6 +1,8 @@
 """Device-side batch augmentation: exact identity at strength 0, label-preserving geometry."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -28,8 +30,8 @@ def test_the_eight_dihedral_views_are_distinct_and_preserve_the_centre():
         # The centre 32x32 maps onto itself: same pixel values, only rearranged.
         assert {tuple(sorted(v[c, 32:64, 32:64].flatten().tolist())) for c in range(3)} == originals
         assert torch.equal(v.flatten(1).sort().values, x[0].flatten(1).sort().values)
-    # Group closure: k=3 (transpose then left-right flip) is a 90-degree rotation.
-    assert torch.equal(views[3], torch.rot90(x[0], k=-1, dims=(1, 2)))
+    # Group closure: k=3 (left-right flip, then transpose) is a 90-degree rotation.
+    assert torch.equal(views[3], torch.rot90(x[0], k=1, dims=(1, 2)))
 
 
 def test_dihedral_choice_is_per_sample_and_vectorised():
@@ -41,11 +43,28 @@ def test_dihedral_choice_is_per_sample_and_vectorised():
 
 
 @pytest.mark.parametrize("strength", [0.3, 1.0])
-def test_affine_keeps_the_centre_patch_in_view(strength):
-    scale, shift = augment.affine_params(10_000, strength, torch.Generator().manual_seed(1))
-    assert (shift.abs() + augment.CENTRE_HALF <= scale[:, None] + 1e-6).all()
-    assert scale.min() >= 1 / (1 + augment.MAX_ZOOM * strength) - 1e-6
-    assert scale.max() <= 1 + augment.MAX_ZOOM * strength + 1e-6
+def test_zoom_and_shift_keep_the_centre_patch_in_view(strength):
+    n, size = 2000, 96
+    idx = augment.geometry_index(n, size, strength, torch.Generator().manual_seed(1))
+    centre = torch.tensor([r * size + c for r in range(32, 64) for c in range(32, 64)])
+    # Output pixels showing the centre square: about 32x32 / scale^2 of them, never fewer than a
+    # full zoom-out allows (a shift pushing the square out of frame would cut this count).
+    shown = torch.isin(idx, centre).sum(1).float()
+    least = 32 * 32 / (1 + augment.MAX_ZOOM * strength) ** 2 - 2 * 32
+    assert (shown >= least).all(), shown.min()
+    # ... and every centre pixel is shown when zooming in (no pixel skipped).
+    zoom_in = shown >= 32 * 32
+    assert zoom_in.any() and all(torch.isin(centre, row).all() for row in idx[zoom_in])
+    assert idx.min() >= 0 and idx.max() < size * size
+    moved = (idx != torch.arange(size * size)).any(1).float().mean()
+    assert moved > 0.85                                       # (7/8 of the dihedral views move pixels)
+
+
+def test_uint8_and_float_batches_get_the_same_geometry():
+    x = (_batch(4) * 255).round().to(torch.uint8)
+    a = augment.random_geometry(x, 1.0, torch.Generator().manual_seed(3))
+    b = augment.random_geometry(x.float(), 1.0, torch.Generator().manual_seed(3))
+    assert a.dtype == torch.uint8 and torch.equal(a.float(), b)
 
 
 def test_augmentation_stays_in_range_scales_with_strength_and_is_seeded():
@@ -66,3 +85,26 @@ def test_colour_jitter_keeps_grey_grey_and_rejects_bad_strength():
     assert torch.allclose(out[:, 0], out[:, 1], atol=1e-5) and torch.allclose(out[:, 1], out[:, 2], atol=1e-5)
     with pytest.raises(ValueError):
         augment_batch(grey, 1.5)
+
+
+def test_folded_colour_matrix_equals_the_step_by_step_definition(monkeypatch):
+    x = _batch(3, size=8)
+    rand = torch.rand(4, 3, generator=torch.Generator().manual_seed(5)) * 2 - 1   # b, c, s, h draws
+    draws = iter(rand)
+    monkeypatch.setattr(augment, "_uniform", lambda shape, bound, g, dev: next(draws) * bound)
+    out = augment.colour_jitter(x, 1.0)
+    b, c, s, h = (1 + rand[0] * augment.MAX_BRIGHTNESS, 1 + rand[1] * augment.MAX_CONTRAST,
+                  1 + rand[2] * augment.MAX_SATURATION, rand[3] * augment.MAX_HUE * 2 * math.pi)
+    luma = torch.tensor(augment._LUMA).view(1, 3, 1, 1)
+    v = lambda t: t.view(-1, 1, 1, 1)
+    y = x * v(b)
+    m = (y * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    y = (y - m) * v(c) + m
+    grey = (y * luma).sum(1, keepdim=True)
+    y = (y - grey) * v(s) + grey
+    # hue: rotate about the grey axis, checked against Rodrigues' formula on each pixel vector
+    axis = torch.ones(3) / math.sqrt(3)
+    vec = y.permute(0, 2, 3, 1)
+    cos, sin = v(h.cos()), v(h.sin())
+    rotated = vec * cos + torch.cross(axis.expand_as(vec), vec, dim=-1) * sin + axis * (vec @ axis)[..., None] * (1 - cos)
+    assert torch.allclose(out, rotated.permute(0, 3, 1, 2), atol=1e-5)

@@ -1,132 +1,129 @@
 """Batch augmentation on the training device, one knob: ``aug_strength`` in [0, 1].
 
-Works on whole float batches (N, 3, H, W) in [0, 1]; every per-sample random choice is a
-vectorised mask or a per-sample matrix, never a Python loop over samples or a PIL call.
+Works on whole NCHW batches; every per-sample random choice is a vectorised index map or a
+per-sample matrix, never a Python loop over samples or a PIL call. Two passes over the pixels:
 
-- the 8 dihedral views (flips and 90-degree rotations): histology has no canonical orientation,
-  so any strength > 0 draws one of the 8 uniformly per image;
-- a small random zoom/translation (affine_grid + grid_sample, reflection padding) bounded so the
-  centre 32x32 px, which decides the PCam label, always stays in view;
-- stain/colour jitter: HED stain perturbation (Tellez et al. 2018) plus brightness, contrast,
-  saturation and hue, all scaled by strength.
+1. geometry, as one gather of source pixels (on uint8, before float conversion): one of the 8
+   dihedral views (flips, 90-degree rotations: histology has no orientation; any strength > 0),
+   plus a small zoom (nearest pixel) and a whole-pixel shift with mirrored borders, both scaled by
+   strength and bounded so the centre 32x32 px, which decides the PCam label, always stays in view;
+2. colour jitter - brightness, contrast, saturation and hue (a rotation about the grey axis) - all
+   scaled by strength and folded into one per-sample 3x3 matrix + offset (one batched matmul).
 
-Strength 0 returns the input unchanged (the identity, bit for bit).
+Why not grid_sample / HED stain jitter: on a CPU, bilinear resampling and the log/exp of HED
+optical densities each cost more than the rest of the data path together (trainables.bench), and
+these cheaper forms keep the same label-preserving variety. Strength 0 is the identity.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
 # Maximal magnitudes at strength 1.
-MAX_SHIFT = 8 / 48          # translation, in normalised coords (8 px on a 96 px patch)
+MAX_SHIFT = 8               # px
 MAX_ZOOM = 0.15             # scale in [1/(1+z), 1+z]
-MAX_HED = 0.05              # HED stain alpha/beta sigma
 MAX_BRIGHTNESS = 0.15
 MAX_CONTRAST = 0.2
 MAX_SATURATION = 0.2
 MAX_HUE = 0.04              # fraction of a full hue turn
-CENTRE_HALF = 1 / 3         # the centre 32x32 of 96 px spans [-1/3, 1/3] in normalised coords
-
-# RGB <-> HED stain matrix (Ruifrok & Johnston; as in skimage.color.rgb2hed).
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
-_RGB_FROM_HED[2] = torch.linalg.cross(_RGB_FROM_HED[0], _RGB_FROM_HED[1])
-_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
-_LUMA = torch.tensor([0.299, 0.587, 0.114])
+CENTRE = 32                 # the label's centre square, px
+_LUMA = (0.299, 0.587, 0.114)
 
 
-def _uniform(n: int, low: float, high: float, g: torch.Generator | None, device) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=device) * (high - low) + low
+def _uniform(shape, bound, g, device) -> torch.Tensor:
+    return (torch.rand(shape, generator=g, device=device) * 2 - 1) * bound
+
+
+def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
+    """Mirror out-of-range pixel indices back inside (edge pixel repeated: ...1 0 | 0 1...)."""
+    i = torch.where(i < 0, -i - 1, i)
+    return torch.where(i >= size, 2 * size - 1 - i, i)
+
+
+def geometry_index(n: int, size: int, strength: float, g=None, device="cpu",
+                   k: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, size*size) source pixel index of every output pixel: dihedral view, zoom and shift.
+
+    ``k`` (0..7) fixes the dihedral view per sample (random when None); strength 0 with k given
+    is the pure dihedral view. Bits of k: 1 = transpose, 2 = flip left-right, 4 = flip up-down;
+    these 8 combinations are exactly the symmetries of the square.
+    """
+    if k is None:
+        k = torch.randint(0, 8, (n,), generator=g, device=device)
+    z = MAX_ZOOM * strength
+    scale = (torch.rand(n, generator=g, device=device) * 2 - 1).mul(math.log1p(z)).exp()
+    # Keep the centre square in view: the output spans 'size * scale' source pixels around
+    # 'centre + shift', so |shift| <= (size * scale - CENTRE) / 2 keeps all CENTRE px inside.
+    limit = ((size * scale - CENTRE) / 2).floor().clamp(min=0, max=round(MAX_SHIFT * strength))
+    shift = (_uniform((n, 2), 1, g, device) * (limit[:, None] + 0.5)).round().clamp(-limit[:, None], limit[:, None])
+    c = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
+    mid = (size - 1) / 2
+
+    def axis(bit: int, col: int) -> torch.Tensor:   # (n, size) source row/column per output one
+        coord = torch.where(((k & bit) > 0)[:, None], -c, c)
+        src = torch.floor(coord * scale[:, None] + mid + shift[:, col:col + 1] + 0.5).long()
+        return _reflect(src, size)
+    rows, cols = axis(4, 0) * size, axis(2, 1)
+    # index(i, j) = rows[i] + cols[j]; transposed: rows[j] + cols[i]. Swap the two small terms
+    # instead of transposing the big map.
+    t = ((k & 1) > 0)[:, None]
+    along_i, along_j = torch.where(t, cols, rows), torch.where(t, rows, cols)
+    return (along_i[:, :, None] + along_j[:, None, :]).view(n, size * size)
+
+
+def gather_pixels(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Apply per-sample pixel index maps (n, H*W) to an NCHW batch of any dtype."""
+    n, ch, h, w = x.shape
+    return torch.gather(x.reshape(n, ch, h * w), 2, idx[:, None, :].expand(n, ch, h * w)).view(n, ch, h, w)
 
 
 def dihedral(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Apply dihedral element ``k`` (0..7) per sample to square images (N, C, H, H).
+    """Dihedral view ``k`` (0..7) per sample of square NCHW images; exact (a pixel permutation)."""
+    return gather_pixels(x, geometry_index(x.shape[0], x.shape[-1], 0.0, device=x.device, k=k))
 
-    Bits of k: 1 = transpose, 2 = flip left-right, 4 = flip up-down; these 8 combinations are
-    exactly the 8 symmetries of the square. k=0 is the identity.
+
+def random_geometry(x: torch.Tensor, strength: float, g=None) -> torch.Tensor:
+    return gather_pixels(x, geometry_index(x.shape[0], x.shape[-1], strength, g, x.device))
+
+
+def colour_jitter(x: torch.Tensor, strength: float, g=None) -> torch.Tensor:
+    """Brightness, contrast, saturation, hue on a float NCHW batch in [0, 1], as x -> A x + t.
+
+    brightness x*(1+b); contrast c*(x - m) + m around the mean grey m; saturation s*(x - grey) +
+    grey; hue: rotation about the grey axis (Rodrigues). Saturation and hue leave grey vectors
+    unchanged, so the composition is A = R_hue S_sat c(1+b), t = (1-c)(1+b) m0 (1,1,1).
     """
-    def where(bit, y):
-        return torch.where(((k & bit) > 0).view(-1, 1, 1, 1), y, x)
-    x = where(1, x.transpose(-1, -2))
-    x = where(2, x.flip(-1))
-    x = where(4, x.flip(-2))
-    return x
-
-
-def random_dihedral(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
-    k = torch.randint(0, 8, (x.shape[0],), generator=g, device=x.device)
-    return dihedral(x, k)
-
-
-def affine_params(n: int, strength: float, g: torch.Generator | None = None, device="cpu"):
-    """Per-sample (scale, shift_xy): output coord u samples input at ``scale * u + shift``.
-
-    Bounds guarantee |shift| + 1/3 <= scale on both axes, i.e. the input's centre 32x32 maps
-    inside the output frame.
-    """
-    z = MAX_ZOOM * strength
-    log_s = _uniform(n, -math.log1p(z), math.log1p(z), g, device)
-    scale = log_s.exp()
-    limit = torch.clamp(scale - CENTRE_HALF, min=0).clamp(max=MAX_SHIFT * strength)
-    shift = (torch.rand(n, 2, generator=g, device=device) * 2 - 1) * limit[:, None]
-    return scale, shift
-
-
-def random_affine(x: torch.Tensor, strength: float, g: torch.Generator | None = None) -> torch.Tensor:
-    n = x.shape[0]
-    scale, shift = affine_params(n, strength, g, x.device)
-    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0] = scale
-    theta[:, 1, 1] = scale
-    theta[:, :, 2] = shift
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def hed_jitter(x: torch.Tensor, strength: float, g: torch.Generator | None = None) -> torch.Tensor:
-    """Perturb the haematoxylin/eosin/DAB optical densities: od' = od * alpha + beta."""
-    n, dev = x.shape[0], x.device
-    sigma = MAX_HED * strength
-    alpha = 1 + (torch.rand(n, 3, 1, 1, generator=g, device=dev) * 2 - 1) * sigma
-    beta = (torch.rand(n, 3, 1, 1, generator=g, device=dev) * 2 - 1) * sigma
-    od = -torch.log(x.clamp(min=1e-6))
-    hed = torch.einsum("nchw,cd->ndhw", od, _HED_FROM_RGB.to(dev, x.dtype))
-    hed = hed * alpha + beta
-    od = torch.einsum("ndhw,dc->nchw", hed, _RGB_FROM_HED.to(dev, x.dtype))
-    return torch.exp(-od)
-
-
-def colour_jitter(x: torch.Tensor, strength: float, g: torch.Generator | None = None) -> torch.Tensor:
-    """Brightness, contrast, saturation (blends) and hue (rotation about the grey axis)."""
-    n, dev = x.shape[0], x.device
-    luma_w = _LUMA.to(dev, x.dtype).view(1, 3, 1, 1)
-    b = _uniform(n, -MAX_BRIGHTNESS * strength, MAX_BRIGHTNESS * strength, g, dev).view(-1, 1, 1, 1)
-    c = 1 + _uniform(n, -MAX_CONTRAST * strength, MAX_CONTRAST * strength, g, dev).view(-1, 1, 1, 1)
-    s = 1 + _uniform(n, -MAX_SATURATION * strength, MAX_SATURATION * strength, g, dev).view(-1, 1, 1, 1)
-    h = _uniform(n, -MAX_HUE * strength, MAX_HUE * strength, g, dev) * 2 * math.pi
-    x = x * (1 + b)
-    grey = (x * luma_w).sum(1, keepdim=True)
-    x = (x - grey.mean((2, 3), keepdim=True)) * c + grey.mean((2, 3), keepdim=True)
-    grey = (x * luma_w).sum(1, keepdim=True)
-    x = (x - grey) * s + grey
-    # Hue: rotate RGB about the (1,1,1) axis by angle h (Rodrigues), one 3x3 matrix per sample.
-    cos, sin = h.cos().view(-1, 1, 1), h.sin().view(-1, 1, 1)
-    eye = torch.eye(3, device=dev, dtype=x.dtype)
-    k = torch.tensor([[0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=dev, dtype=x.dtype) / math.sqrt(3)
-    rot = eye + sin * k + (1 - cos) * (k @ k)
-    return torch.einsum("nij,njhw->nihw", rot, x)
+    n, ch, h, w = x.shape
+    dev, dt = x.device, x.dtype
+    b = 1 + _uniform(n, MAX_BRIGHTNESS * strength, g, dev)
+    c = 1 + _uniform(n, MAX_CONTRAST * strength, g, dev)
+    s = 1 + _uniform(n, MAX_SATURATION * strength, g, dev)
+    h_angle = _uniform(n, MAX_HUE * strength * 2 * math.pi, g, dev)
+    luma = torch.tensor(_LUMA, device=dev, dtype=dt)
+    eye = torch.eye(3, device=dev, dtype=dt)
+    sat = s[:, None, None] * eye + (1 - s)[:, None, None] * luma[None, None, :]   # rows: s*e_i + (1-s)*luma
+    kx = torch.tensor([[0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=dev, dtype=dt) / math.sqrt(3)
+    cos, sin = h_angle.cos()[:, None, None], h_angle.sin()[:, None, None]
+    rot = eye + sin * kx + (1 - cos) * (kx @ kx)
+    a = rot @ sat * (c * b)[:, None, None]
+    m0 = x.mean((2, 3)) @ luma                                                      # (n,) mean grey
+    t = ((1 - c) * b * m0)[:, None, None].expand(n, 3, 1)
+    return torch.baddbmm(t, a, x.reshape(n, ch, h * w)).view(n, ch, h, w)
 
 
 def augment_batch(x: torch.Tensor, strength: float, g: torch.Generator | None = None) -> torch.Tensor:
-    """Augment a float batch in [0, 1]; ``strength`` 0 is the identity, 1 the strongest."""
+    """Augment an NCHW batch (uint8 0..255 or float in [0, 1]); returns float in [0, 1].
+
+    Strength 0 is the identity (a float input comes back unchanged), 1 the strongest. The
+    geometry runs before the float conversion when given uint8: 4x fewer bytes to move.
+    """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"aug_strength must be in [0, 1], got {strength}")
+    if strength > 0:
+        x = random_geometry(x, strength, g)
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
     if strength == 0:
         return x
-    x = random_dihedral(x, g)
-    x = random_affine(x, strength, g)
-    x = hed_jitter(x, strength, g)
-    x = colour_jitter(x, strength, g)
-    return x.clamp_(0.0, 1.0)
+    return colour_jitter(x, strength, g).clamp_(0.0, 1.0)

@@ -1,0 +1,192 @@
+"""train_pcam / fit on real (tiny) caches: learning, Ray Tune reporting + checkpoints + resume,
+divergence, model files, the CLI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+import ray
+from ray import tune
+
+from datasets.errors import UserError
+from trainables.train import (CHECKPOINT_FILE, PREDICTIONS_FILE, fit, load_checkpoint, load_model,
+                              predict_proba, resolve_config, save_model, train_pcam)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"backbone": "baseline", "batch_size": 16, "aug_strength": 0.5, "val_fraction": 0.25}
+
+
+def write_toy_kaggle(folder: Path, n: int = 128, seed: int = 0) -> Path:
+    """A learnable toy in the Kaggle layout: positives have a dark blob in the centre 32x32."""
+    rng = np.random.default_rng(seed)
+    (folder / "train").mkdir(parents=True)
+    labels = rng.permutation(np.arange(n) % 2)
+    ids = [f"{i:040x}" for i in rng.integers(0, 2**62, n)]
+    for pid, y in zip(ids, labels):
+        img = rng.integers(150, 230, (96, 96, 3), dtype=np.uint8)
+        if y:
+            cy, cx = rng.integers(36, 52, 2)
+            img[cy:cy + 10, cx:cx + 10] = rng.integers(20, 70, (10, 10, 3), dtype=np.uint8)
+        Image.fromarray(img).save(folder / "train" / f"{pid}.tif")
+    pd.DataFrame({"id": ids, "label": labels}).to_csv(folder / "train_labels.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory) -> Path:
+    return write_toy_kaggle(tmp_path_factory.mktemp("toy") / "data")
+
+
+@pytest.fixture(scope="session")
+def toy_cache(toy_dir, tmp_path_factory):
+    from datasets.cache import prepare_dataset
+    return prepare_dataset(str(toy_dir), str(tmp_path_factory.mktemp("cache")), progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def test_fit_really_learns_the_toy(toy_cache):
+    from datasets.splits import train_val_split
+    train_idx, val_idx = train_val_split(toy_cache, val_fraction=0.25, seed=0)
+    cfg = {**TINY, "backbone": "baseline_bn", "lr": 3e-3, "epochs": 3, "pos_weight": "auto"}
+    seen = []
+    model, history = fit(cfg, toy_cache, train_idx, val_idx, on_epoch=lambda m, s, p: seen.append((m, s, p)))
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_auc"] > 0.8
+    assert [h["trial_status"] for h in history] == ["running", "running", "completed"]
+    metrics, state, (labels, probs) = seen[-1]
+    assert state["epoch"] == 3 and len(probs) == len(val_idx) == len(labels)
+    # TTA over the 8 dihedral views: still probabilities, and a symmetric toy keeps its ranking.
+    p = predict_proba(model, toy_cache.images[val_idx], cfg, tta=True)
+    assert p.dtype == np.float32 and ((p >= 0) & (p <= 1)).all()
+    from sklearn.metrics import roc_auc_score
+    assert roc_auc_score(toy_cache.labels[val_idx], p) > 0.8
+
+
+def test_non_finite_loss_ends_cleanly_as_diverged(toy_cache):
+    reports = []
+    _, history = fit({**TINY, "lr": 1e10, "epochs": 3}, toy_cache, np.arange(64), np.arange(64, 96),
+                     on_epoch=lambda m, s, p: reports.append((m, s)))
+    assert len(history) == 1 and history[0]["trial_status"] == "diverged" and history[0]["val_auc"] == 0.5
+    assert reports[0][1] is None   # no checkpoint of a NaN model
+
+
+def test_save_load_round_trip_with_weights_only(toy_cache, tmp_path):
+    cfg = {**TINY, "backbone": "baseline_bn", "epochs": 1, "unfreeze_depth": 2}
+    model, _ = fit(cfg, toy_cache, np.arange(32))
+    path = save_model(tmp_path / "m" / "model.pt", model, cfg)
+    blob = torch.load(path, weights_only=True)
+    assert blob["config"]["unfreeze_depth"] == 2
+    loaded, loaded_cfg = load_model(path, device="cpu")
+    x = toy_cache.images[:8]
+    assert np.allclose(predict_proba(model.cpu(), x, cfg), predict_proba(loaded, x, loaded_cfg), atol=1e-6)
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(UserError, match="junk.pt"):
+        load_model(tmp_path / "junk.pt")
+
+
+def test_config_typos_are_user_errors():
+    with pytest.raises(UserError, match="learning_rate"):
+        resolve_config({"learning_rate": 0.1})
+    with pytest.raises(UserError, match="aug_strength"):
+        resolve_config({"aug_strength": 2})
+
+
+# --- Ray Tune -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+class KillAfterFirstCheckpoint(tune.Callback):
+    """Kills the healthy trial's worker once its epoch-1 checkpoint is saved, as a preempted node or
+    an OOM kill would: Tune must restore the trial from that checkpoint."""
+
+    killed = None
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if self.killed is None and trial.config["lr"] < 1:
+            self.killed = trial.trial_id
+            ray.kill(trial.temporary_state.ray_actor)
+
+
+@pytest.fixture(scope="session")
+def tune_run(ray_session, toy_cache, tmp_path_factory):
+    """One genuine Tuner run: a healthy trial (2 epochs, its worker killed after epoch 1 and restored
+    by Tune) and a diverging one (lr=1e10)."""
+    killer = KillAfterFirstCheckpoint()
+    trainable = tune.with_resources(tune.with_parameters(train_pcam, cache_path=str(toy_cache.path)), {"cpu": 1})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={**TINY, "epochs": 2, "lr": tune.grid_search([3e-3, 1e10])},
+        tune_config=tune.TuneConfig(metric="val_auc", mode="max"),
+        run_config=tune.RunConfig(name="tiny", storage_path=str(tmp_path_factory.mktemp("ray")), verbose=0,
+                                  callbacks=[killer], failure_config=tune.FailureConfig(max_failures=1),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
+    return tuner.fit(), killer
+
+
+def test_tune_reports_and_checkpoints_every_epoch(tune_run):
+    grid, _ = tune_run
+    assert not grid.errors
+    by_lr = {r.config["lr"]: r for r in grid}
+    good, bad = by_lr[3e-3], by_lr[1e10]
+    ckpts = sorted(good.best_checkpoints, key=lambda c: c[1]["epoch"])
+    assert [m["epoch"] for _, m in ckpts] == [1, 2]                      # one checkpoint per epoch
+    assert [m["trial_status"] for _, m in ckpts] == ["running", "completed"]
+    for _, m in ckpts:
+        for key in ["val_auc", "val_loss", "val_acc", "train_loss", "lr", "epoch_seconds", "images_per_s"]:
+            assert np.isfinite(m[key]), key
+    with ckpts[-1][0].as_directory() as d:
+        state = load_checkpoint(d)                       # torch.load(weights_only=True)
+        preds = np.load(Path(d) / PREDICTIONS_FILE)
+        assert (Path(d) / CHECKPOINT_FILE).is_file()
+    assert state["epoch"] == 2 and len(state["history"]) == 2 and len(preds["probs"]) == len(preds["labels"])
+    assert bad.metrics["trial_status"] == "diverged" and bad.metrics["val_auc"] == 0.5
+    assert len(bad.metrics_dataframe) == 1 and bad.checkpoint is None
+
+
+def test_tune_resumes_a_killed_trial_at_the_next_epoch(tune_run, toy_cache):
+    grid, killer = tune_run
+    good = next(r for r in grid if r.config["lr"] == 3e-3)
+    assert killer.killed is not None and good.metrics["trial_id"] == killer.killed
+    # After the restore the trial reported epoch 2 only: it continued from the epoch-1 checkpoint.
+    assert list(good.metrics_dataframe["epoch"]) == [2]
+    assert good.metrics["training_iteration"] == 2 and good.metrics["trial_status"] == "completed"
+    # ... and reproduced what an uninterrupted run computes (RNG streams seeded per epoch).
+    from datasets.splits import train_val_split
+    train_idx, val_idx = train_val_split(toy_cache, val_fraction=TINY["val_fraction"], seed=0)
+    _, history = fit({**TINY, "epochs": 2, "lr": 3e-3}, toy_cache, train_idx, val_idx)
+    assert good.metrics["train_loss"] == pytest.approx(history[-1]["train_loss"], rel=1e-4)
+    assert good.metrics["val_auc"] == pytest.approx(history[-1]["val_auc"], abs=1e-4)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+def test_cli_prints_one_line_per_epoch(toy_dir, tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "th")}
+    cmd = [sys.executable, "-m", "trainables.train", "--backbone", "baseline", "--epochs", "1",
+           "--batch-size", "16", "--data-dir", str(toy_dir), "--cache-dir", str(tmp_path / "c"),
+           "--out", str(tmp_path / "model.pt")]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [l for l in out.stdout.splitlines() if l.startswith("epoch")]
+    assert len(lines) == 1 and "val_auc" in lines[0] and "img/s" in lines[0] and "completed" in lines[0]
+    assert (tmp_path / "model.pt").is_file()
+    bad = subprocess.run(cmd[:3] + ["resnet18", "--epochs", "1", "--data-dir", str(toy_dir), "--cache-dir",
+                                    str(tmp_path / "c")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "resnet18-f37072fd.pth" in bad.stderr and "Traceback" not in bad.stderr
