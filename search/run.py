@@ -173,7 +173,7 @@ SETTINGS_FILE = "search.json"
 # Settings a resumed search takes from its first run (the Ray state already holds the searcher, scheduler and
 # trial configs built from them); CLI values for these are ignored on resume.
 RESUMED_SETTINGS = ("space", "backbones", "pretrained", "backbone", "num_samples", "max_epochs", "grace_period",
-                    "reduction_factor", "time_budget", "seed", "data_dir", "tracking_uri")
+                    "reduction_factor", "time_budget", "seed", "data_dir", "tracking_uri", "max_concurrent")
 
 
 def _load_settings(results: Path, name: str) -> dict | None:
@@ -267,6 +267,7 @@ def save_settings(plan: Plan, data_fingerprint: str) -> None:
                 "reduction_factor": plan.reduction_factor, "time_budget": a.time_budget, "seed": a.seed,
                 "data_dir": str(Path(a.data_dir).resolve()) if a.data_dir else None,
                 "data_fingerprint": data_fingerprint, "tracking_uri": plan.tracking_uri,
+                "max_concurrent": plan.max_concurrent,  # fixed in the restored TuneConfig
                 "experiment_path": plan.experiment_path}
     report.write_json(plan.results_dir / plan.name / SETTINGS_FILE, settings)
 
@@ -329,11 +330,21 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str, pruned_feedback: bool
             progress_reporter=tune.CLIReporter(
                 metric_columns={"epoch": "epoch", "val_auc": "val_auc", "val_loss": "val_loss",
                                 "train_loss": "train_loss", "trial_status": "status"},
-                parameter_columns=["backbone", "lr", "weight_decay", "aug_strength", "unfreeze_depth",
-                                   "batch_size", "dropout"],
-                metric=METRIC, mode=MODE, sort_by_metric=True, max_report_frequency=15),
+                parameter_columns=table_columns(plan),
+                sort_by_metric=True, max_report_frequency=15),
             verbose=1),
     )
+
+
+def table_columns(plan: Plan) -> list[str]:
+    """The config keys of this space, for the live table (CLIReporter fails on a key a config lacks)."""
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    config = {**define_by_run(plan.space, plan.backbones, plan.opts)(trial), **trial.params}
+    return [k for k in ("backbone", "lr", "weight_decay", "aug_strength", "unfreeze_depth", "batch_size", "dropout")
+            if k in config]
 
 
 def start_ray(plan: Plan) -> None:
@@ -341,7 +352,9 @@ def start_ray(plan: Plan) -> None:
 
     if not ray.is_initialized():
         kwargs = {"address": plan.args.address} if plan.args.address else {}
-        ray.init(include_dashboard=False, logging_level="WARNING", **kwargs)
+        # Trial stdout stays in the trial folders: the live table is the driver's output, and a trial's
+        # error still reaches the table, the leaderboard and MLflow.
+        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False, **kwargs)
     if plan.args.address:  # only now can a cluster's resources be checked
         have = ray.cluster_resources()
         if plan.gpus_per_trial > have.get("GPU", 0):
@@ -365,6 +378,8 @@ def _set_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic live table, with our columns
+    # One small checkpoint per epoch forces a state snapshot each time; that is intended here, not a warning.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def run_search(plan: Plan, progress: bool = True) -> dict:

@@ -55,9 +55,12 @@ def make_sampler(seed: int, num_samples: int):
     # multivariate + group: TPE models parameters that occur together jointly, which is what a conditional
     # space (unfreeze_depth exists only for pretrained backbones) needs. Both are flagged experimental.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Ray's table already shows every trial
     # Random start-up trials: Optuna's default of 10 would leave a 16-trial search mostly random.
     n_startup = max(2, min(10, num_samples // 4))
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, group=True)
+    # constant_liar: trials still running count as bad guesses, so parallel trials do not all get the same config.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, group=True,
+                                      constant_liar=True)
 
 
 def make_searcher(define: Callable, *, seed: int, num_samples: int, max_t: int, metric: str = "val_auc",

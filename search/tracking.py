@@ -102,6 +102,7 @@ class MlflowTrialCallback(Callback):
         self._exp_id = None
         self._runs: dict[str, str] = {}  # trial_id -> child run id
         self._last_step: dict[str, int] = {}  # trial_id -> last epoch logged (resume: no double logging)
+        self._finished: set[str] = set()  # trial ids whose child run got its final status in this session
         self._started = time.monotonic()
 
     # The callback is pickled into the Ray experiment state (tuner.pkl); the client is not picklable.
@@ -118,6 +119,8 @@ class MlflowTrialCallback(Callback):
         self._started = time.monotonic()
         for trial_id, run in child_runs(self._mlf, self._exp_id, self.parent_run_id).items():
             self._runs[trial_id] = run.info.run_id
+            if run.info.status in ("FINISHED", "FAILED"):
+                self._finished.add(trial_id)  # ended in an earlier session: its status is final
             hist = self._mlf.get_metric_history(run.info.run_id, "val_auc")
             self._last_step[trial_id] = max((m.step for m in hist), default=0)
 
@@ -151,13 +154,15 @@ class MlflowTrialCallback(Callback):
         self._mlf.log_batch(run_id, metrics=metrics)
         self._last_step[trial.trial_id] = step
 
+    def _budget_hit(self) -> bool:
+        return bool(self.time_budget_s) and time.monotonic() - self._started >= 0.98 * self.time_budget_s
+
     def on_trial_complete(self, iteration, trials, trial, **info):
-        budget_hit = bool(self.time_budget_s) and time.monotonic() - self._started >= 0.98 * self.time_budget_s
-        status = trial_status(trial.last_result, self.max_epochs, budget_hit=budget_hit)
-        self._finish(trial, status, "FINISHED")
+        self._finish(trial, trial_status(trial.last_result, self.max_epochs, budget_hit=self._budget_hit()),
+                     "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = trial.get_error()
+        error = _error_text(trial)
         self._finish(trial, trial_status(trial.last_result, self.max_epochs, error=error), "FAILED",
                      {"error": error_line(error)})
 
@@ -166,14 +171,29 @@ class MlflowTrialCallback(Callback):
         for k, v in {"status": status, **(tags or {})}.items():
             self._mlf.set_tag(run_id, k, v)
         self._mlf.set_terminated(run_id, run_status)
+        self._finished.add(trial.trial_id)
 
     def on_experiment_end(self, trials, **info):
-        # Trials still running when the search ends (Ctrl-C, time budget) stay resumable: mark them so.
+        # Trials cut by the time budget end TERMINATED without a completion callback; trials still running
+        # after a Ctrl-C stay resumable. Give both their final word.
         for trial in trials:
-            run_id = self._runs.get(trial.trial_id)
-            if run_id and trial.status not in ("TERMINATED", "ERROR"):
-                self._mlf.set_tag(run_id, "status", "interrupted (resumable)")
-                self._mlf.set_terminated(run_id, "KILLED")
+            if trial.trial_id not in self._runs or trial.trial_id in self._finished:
+                continue
+            if trial.status == "TERMINATED":
+                self._finish(trial, trial_status(trial.last_result, self.max_epochs, budget_hit=self._budget_hit()),
+                             "FINISHED")
+            elif trial.status != "ERROR":
+                self._mlf.set_tag(self._runs[trial.trial_id], "status",
+                                  trial_status(trial.last_result, self.max_epochs, finished=False) + " (resumable)")
+                self._mlf.set_terminated(self._runs[trial.trial_id], "KILLED")
+
+
+def _error_text(trial) -> str:
+    """The trial's error: the driver-local error.txt is written now, the copy in storage only on the next sync."""
+    path = trial.error_file
+    if path and Path(path).is_file():
+        return Path(path).read_text()
+    return trial.get_error() or "unknown error (see the trial's error.txt)"
 
 
 def finish_parent(tracking_uri: str, parent_run_id: str, *, metrics: dict, tags: dict, artifacts: list[Path],

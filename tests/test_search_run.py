@@ -155,3 +155,37 @@ def test_mlflow_ui_serves_parent_and_children(smoke_search, tmp_path):
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
         log.close()
+
+
+def test_errored_and_diverged_trials_are_recorded_and_the_search_goes_on(ray_session, search_cache_dir, tmp_path):
+    """Real train_pcam trials: one healthy, one whose loss blows up, one that raises (negative lr)."""
+    from ray import tune
+
+    from datasets.cache import prepare_dataset
+    from search import report
+    from trainables.train import train_pcam
+
+    cache = prepare_dataset(None, search_cache_dir, progress=False)
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "ray"
+    parent, resumed = tracking.open_parent_run(uri, "reliability", str(storage / "reliability"), {"space": "test"})
+    assert not resumed
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(train_pcam, cache_path=str(cache.path)), {"cpu": 1}),
+        param_space={"backbone": "baseline_bn", "pretrained": False, "epochs": 2, "max_train_samples": 128,
+                     "batch_size": 64, "lr": tune.grid_search([3e-3, 1e30, -1.0])},
+        tune_config=tune.TuneConfig(metric="val_auc", mode="max", max_concurrent_trials=2),
+        run_config=tune.RunConfig(name="reliability", storage_path=str(storage), verbose=0,
+                                  callbacks=[tracking.MlflowTrialCallback(uri, "reliability", parent, 2)]))
+    grid = tuner.fit()
+    by_lr = {s.config["lr"]: s for s in report.summarize(grid, max_epochs=2)}
+    assert by_lr[3e-3].status == "completed" and by_lr[3e-3].best_val_auc > 0.5
+    assert by_lr[1e30].status == "diverged at epoch 1" and by_lr[1e30].best_val_auc == 0.5
+    assert by_lr[-1.0].status.startswith("errored: ") and "learning rate" in by_lr[-1.0].status.lower()
+
+    mlf = tracking.client(uri)
+    kids = tracking.child_runs(mlf, mlf.get_experiment_by_name("reliability").experiment_id, parent)
+    tags = {float(r.data.params["lr"]): (r.info.status, r.data.tags["status"], r.data.tags.get("error", ""))
+            for r in kids.values()}
+    assert tags[3e-3] == ("FINISHED", "completed", "")
+    assert tags[1e30] == ("FINISHED", "diverged at epoch 1", "")
+    assert tags[-1.0][0] == "FAILED" and tags[-1.0][1] == by_lr[-1.0].status and "learning rate" in tags[-1.0][2].lower()
