@@ -59,7 +59,31 @@ def find_best(results: Path, name: str | None) -> dict:
             f"rerun `python -m search.run --name {best['name']}` with more epochs or a lower learning rate"
         )
     best["_path"] = str(path)
+    cross_check(best)
     return best
+
+
+def cross_check(best: dict) -> None:
+    """Warn when the Ray experiment now holds a better trial than best_config.json names.
+
+    That happens when a search was resumed (or extended) after best_config.json was written and
+    has not finished yet. Reads the experiment's files (ExperimentAnalysis); no Ray cluster starts.
+    """
+    exp = best.get("experiment_path")
+    if not exp or "://" in str(exp) or not Path(exp).is_dir():
+        return
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        top = ExperimentAnalysis(exp).get_best_trial("val_auc", "max", scope="all")
+    except Exception as e:  # a foreign/partial experiment folder must not block the refit
+        print(f"note: could not read the Ray experiment {exp} to cross-check ({type(e).__name__}); using best_config.json")
+        return
+    if top is not None and top.trial_id != best.get("trial_id"):
+        top_auc = top.metric_analysis.get("val_auc", {}).get("max", float("nan"))
+        print(f"warning: the Ray experiment {exp} now ranks trial {top.trial_id} first (val_auc {top_auc:.4f}), "
+              f"best_config.json names {best.get('trial_id')}: finish the search with "
+              f"`python -m search.run --name {best['name']} --resume` to update it")
 
 
 def _missing_search_message(results: Path, name: str) -> str:
@@ -145,19 +169,20 @@ def refit(args) -> dict:
     test_labels, labels_from = (None, None) if ids is None else find_test_labels(cache, test_idx, ids, args.test_labels)
     train_idx = labelled_rows(cache)
     config = refit_config(best, args)
+    n_train = 0 if args.from_checkpoint else min(len(train_idx), config["max_train_samples"] or len(train_idx))
 
-    with tracking_run(best, args, config, len(train_idx)) as run:
+    with tracking_run(best, args, config, n_train) as run:
         if args.from_checkpoint:
-            model = checkpoint_model(best)
+            model, config = checkpoint_model(best)
         else:
             print(f"refit {name!r}: trial {best.get('trial_id')} (val AUC {best['best_val_auc']:.4f} at epoch "
-                  f"{best['best_epoch']}) on {len(train_idx):,} labelled patches for {config['epochs']} epoch(s), "
+                  f"{best['best_epoch']}) on {n_train:,} labelled patches for {config['epochs']} epoch(s), "
                   f"seed {config['seed']}", flush=True)
             model = train(config, cache, train_idx, run)
         probs = None if ids is None else predict_test(model, cache, test_idx, config, not args.no_tta, args.batch_size)
         summary = {"name": name, "trial_id": best.get("trial_id"), "from_checkpoint": bool(args.from_checkpoint),
                    "epochs": config["epochs"], "seed": config["seed"], "tta": not args.no_tta,
-                   "n_train": 0 if args.from_checkpoint else int(len(train_idx)),
+                   "n_train": int(n_train),
                    "model": str(out_dir / "model.pt"), "submission": None, "test_auc": None,
                    "test_labels": labels_from, "mlflow_run_id": run.info.run_id if run else None}
         write_outputs(out_dir, model, config, ids, probs, summary)
@@ -175,7 +200,8 @@ def refit_config(best: dict, args) -> dict:
 
     config = dict(best["config"])
     config["epochs"] = int(args.epochs or best["best_epoch"])
-    config["max_train_samples"] = None  # a search may subsample for speed; the refit uses every labelled row
+    # A search may subsample for speed; the refit uses every labelled row unless told otherwise.
+    config["max_train_samples"] = args.max_train_samples
     if args.seed is not None:
         config["seed"] = args.seed
     try:
@@ -195,7 +221,7 @@ def train(config: dict, cache, train_idx: np.ndarray, run):
     return model
 
 
-def checkpoint_model(best: dict):
+def checkpoint_model(best: dict) -> tuple:
     """--from-checkpoint: the best trial's own weights (trained on the train split only), no refit."""
     from trainables.models import build_model
     from trainables.train import load_checkpoint, CHECKPOINT_FILE
@@ -209,7 +235,7 @@ def checkpoint_model(best: dict):
     model = build_model(cfg["backbone"], pretrained=False, unfreeze_depth=cfg["unfreeze_depth"], dropout=cfg["dropout"])
     model.load_state_dict(state["model"])
     print(f"using the best trial's checkpoint {folder} (epoch {state['epoch']}), no refit")
-    return model.eval()
+    return model.eval(), cfg
 
 
 def write_outputs(out_dir: Path, model, config, ids, probs, summary) -> None:
@@ -402,6 +428,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the search's)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log or register anything in MLflow")
     p.add_argument("--seed", type=int, help="training seed (default: the trial's)")
+    p.add_argument("--max-train-samples", type=int, metavar="N",
+                   help="refit on a seeded random N of the labelled rows (default: all of them)")
     p.add_argument("--from-checkpoint", action="store_true",
                    help="no refit: predict with the best trial's checkpoint (trained on the train split only)")
     p.add_argument("--batch-size", type=int, default=256, help="prediction batch size (default 256)")
@@ -412,8 +440,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = get_args_parser().parse_args(argv)
-    if args.epochs is not None and args.epochs < 1:
-        raise UserError(f"--epochs {args.epochs}: must be at least 1")
+    for option in ("epochs", "max_train_samples", "batch_size"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UserError(f"--{option.replace('_', '-')} {value}: must be at least 1")
     t0 = time.perf_counter()
     summary = refit(args)
     print(f"refit done in {time.perf_counter() - t0:.0f}s")
