@@ -73,6 +73,12 @@ def test_real_offline_weights_import_and_load_strictly(empty_torch_home):
     ref = torch.load(src, map_location="cpu", weights_only=True)["features.0.0.weight"]
     assert torch.equal(model.net.features[0][0].weight, ref)
     assert model.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    # A saved fine-tuned model reloads with its ImageNet normalisation, without needing the weights.
+    from trainables.train import load_model, save_model
+    path = save_model(empty_torch_home.parent / "m.pt", model, {"backbone": "mobilenet_v2", "unfreeze_depth": 0})
+    (empty_torch_home / "mobilenet_v2-b0353104.pth").unlink()
+    loaded, _ = load_model(path, device="cpu")
+    assert torch.equal(loaded.mean, model.mean) and torch.equal(loaded.std, model.std)
 
 
 def test_cli_list_and_import_offline(tmp_path):

@@ -206,8 +206,10 @@ class PcamNet(nn.Module):
         super().__init__()
         self.name = name
         self.net = net
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # Persistent: a saved model keeps the normalisation it was trained with, even when it is
+        # rebuilt without (ImageNet) weights to load its state dict.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.set_unfreeze_depth(unfreeze_depth)
 
     def stages(self) -> Stages:
