@@ -187,6 +187,12 @@ def make_optimizer(model: nn.Module, cfg: dict, steps_per_epoch: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    # A trailing runt (< half a batch) is dropped: BatchNorm statistics of a few images are noise.
+    full, rest = divmod(n, batch_size)
+    return max(1, full + int(rest > 0 and rest >= batch_size // 2))
+
+
 def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device, epoch: int,
                     progress: bool = False) -> tuple[float, int]:
     """One pass over a seeded permutation of ``train_idx``. Returns (mean loss, images seen)."""
@@ -195,8 +201,7 @@ def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device,
     order = np.random.default_rng(seed).permutation(train_idx)
     g = torch.Generator(device=device).manual_seed(seed)
     bs = int(cfg["batch_size"])
-    # drop a trailing runt batch (< half a batch): BatchNorm statistics of 1-2 images are noise
-    n_batches = max(1, len(order) // bs + (len(order) % bs >= bs // 2))
+    n_batches = batches_per_epoch(len(order), bs)
     total, seen = torch.zeros((), device=device), 0
     batches = range(n_batches)
     if progress:
@@ -278,6 +283,8 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
     if cfg["max_train_samples"] and len(train_idx) > int(cfg["max_train_samples"]):
         rng = np.random.default_rng(int(cfg["seed"]))
         train_idx = np.sort(rng.choice(train_idx, int(cfg["max_train_samples"]), replace=False))
+    if len(train_idx) == 0:
+        raise UserError("no training rows: the train split is empty")
     labels = cache.labels[train_idx]
     if (labels < 0).any():
         raise UserError("train_idx holds unlabelled rows (label -1); train only on labelled splits")
@@ -288,9 +295,7 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     criterion = SmoothedBCE(cfg["label_smoothing"], _pos_weight(cfg, labels)).to(device)
-    bs = int(cfg["batch_size"])
-    steps = max(1, len(train_idx) // bs + (len(train_idx) % bs >= bs // 2))
-    opt, sched = make_optimizer(model, cfg, steps)
+    opt, sched = make_optimizer(model, cfg, batches_per_epoch(len(train_idx), int(cfg["batch_size"])))
     history, start = [], 1
     if resume is not None:
         model.load_state_dict(resume["model"])
