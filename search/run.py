@@ -108,6 +108,7 @@ class Plan:
     experiment_path: str
     resume: bool
     tracking_uri: str
+    interrupted: bool = False
 
 
 def _positive(value, option: str, allow_zero: bool = False):
@@ -129,12 +130,13 @@ def local_hardware() -> tuple[int, int]:
     return cpus, gpus
 
 
-def resource_defaults(args, cpus: int, gpus: int, num_samples: int) -> tuple[float, float, int]:
+def resource_defaults(args, cpus: int, gpus: int, num_samples: int, where: str = "this machine"
+                      ) -> tuple[float, float, int]:
     """cpus/gpus per trial and concurrency: share GPUs two trials each (96 px nets leave a GPU idle), and give
     each trial an equal slice of the CPUs (data feeding) without exceeding what the machine has."""
     gpt = args.gpus_per_trial if args.gpus_per_trial is not None else (0.5 if gpus else 0.0)
-    if gpt > gpus and args.address is None:
-        raise UserError(f"--gpus-per-trial {gpt} but this machine has {gpus} GPU(s); "
+    if gpt > gpus:
+        raise UserError(f"--gpus-per-trial {gpt} but {where} has {gpus} GPU(s); "
                         f"use at most {gpus}{' (or 0 for CPU)' if gpus else ' (train on CPU)'}")
     if gpt > 1 and gpt != int(gpt):
         raise UserError(f"--gpus-per-trial {gpt}: above 1 it must be a whole number of GPUs")
@@ -148,8 +150,8 @@ def resource_defaults(args, cpus: int, gpus: int, num_samples: int) -> tuple[flo
         conc = max(1, int(cpus // cpt0))
     conc = max(1, min(conc, num_samples))
     cpt = args.cpus_per_trial if args.cpus_per_trial is not None else max(1, cpus // conc)
-    if cpt > cpus and args.address is None:
-        raise UserError(f"--cpus-per-trial {cpt} but this machine has {cpus} CPU(s)")
+    if cpt > cpus:
+        raise UserError(f"--cpus-per-trial {cpt} but {where} has {cpus} CPU(s)")
     return float(cpt), float(gpt), conc
 
 
@@ -248,8 +250,8 @@ def make_plan(argv=None) -> Plan | None:
     backbones = resolve_backbones(space, opts)
     check_weights(space, backbones, opts)
 
-    cpus, gpus = local_hardware()
-    cpt, gpt, conc = resource_defaults(args, cpus, gpus, num_samples)
+    # On a cluster the resources are only known once connected (start_ray); locally check them now.
+    cpt, gpt, conc = (0.0, 0.0, 0) if args.address else resource_defaults(args, *local_hardware(), num_samples)
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Plan(args=args, space=space, opts=opts, backbones=backbones, num_samples=num_samples,
                 max_epochs=max_epochs, grace_period=grace,
@@ -337,14 +339,19 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str, pruned_feedback: bool
 
 
 def table_columns(plan: Plan) -> list[str]:
-    """The config keys of this space, for the live table (CLIReporter fails on a key a config lacks)."""
+    """The searched keys of this space, for the live table (CLIReporter fails on a key a config lacks,
+    and conditional keys such as unfreeze_depth are always present, as None when not drawn)."""
     import optuna
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    trial = study.ask()
-    config = {**define_by_run(plan.space, plan.backbones, plan.opts)(trial), **trial.params}
-    return [k for k in ("backbone", "lr", "weight_decay", "aug_strength", "unfreeze_depth", "batch_size", "dropout")
-            if k in config]
+    define = define_by_run(plan.space, plan.backbones, plan.opts)
+    searched = {"backbone"} if len(plan.backbones) > 1 else set()
+    for _ in range(20):
+        trial = study.ask()
+        define(trial)
+        searched |= set(trial.params)
+    order = ("backbone", "lr", "weight_decay", "aug_strength", "unfreeze_depth", "batch_size", "dropout")
+    return [k for k in order if k in searched]
 
 
 def start_ray(plan: Plan) -> None:
@@ -355,13 +362,11 @@ def start_ray(plan: Plan) -> None:
         # Trial stdout stays in the trial folders: the live table is the driver's output, and a trial's
         # error still reaches the table, the leaderboard and MLflow.
         ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False, **kwargs)
-    if plan.args.address:  # only now can a cluster's resources be checked
+    if plan.args.address:  # only now can a cluster's resources be known and checked
         have = ray.cluster_resources()
-        if plan.gpus_per_trial > have.get("GPU", 0):
-            raise UserError(f"--gpus-per-trial {plan.gpus_per_trial} but the cluster at {plan.args.address} "
-                            f"has {have.get('GPU', 0):g} GPU(s)")
-        if plan.cpus_per_trial > have.get("CPU", 0):
-            raise UserError(f"--cpus-per-trial {plan.cpus_per_trial} but the cluster has {have.get('CPU', 0):g} CPUs")
+        plan.cpus_per_trial, plan.gpus_per_trial, plan.max_concurrent = resource_defaults(
+            plan.args, int(have.get("CPU", 0)), int(have.get("GPU", 0)), plan.num_samples,
+            where=f"the Ray cluster at {plan.args.address}")
 
 
 def make_trainable(plan: Plan, cache_path: str):
@@ -395,22 +400,23 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
                         "start a new search with another --name")
     out_dir = plan.results_dir / plan.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{'resuming' if plan.resume else 'starting'} search {plan.name!r}: space {plan.space.name}, "
-          f"backbones {','.join(plan.backbones)}, {plan.num_samples} trials x <= {plan.max_epochs} epochs, "
-          f"{plan.max_concurrent} at once ({plan.cpus_per_trial:g} CPU, {plan.gpus_per_trial:g} GPU each), "
-          f"data {cache.source.get('kind')} {cache.fingerprint[:12]}", flush=True)
-
+    start_ray(plan)
     params = {"space": plan.space.name, "backbones": ",".join(plan.backbones), "pretrained": plan.opts.pretrained,
               "num_samples": plan.num_samples, "max_epochs": plan.max_epochs,
               "time_budget_s": plan.time_budget_s, "scheduler": "ASHA", "grace_period": plan.grace_period,
-              "reduction_factor": plan.reduction_factor, "searcher": "OptunaSearch TPE (pruned-aware)",
+              "reduction_factor": plan.reduction_factor,
+              "searcher": "OptunaSearch TPE" + ("" if plan.args.no_pruned_feedback else " (pruned-aware)"),
               "seed": plan.args.seed, "data_dir": data_dir or "embedded synthetic",
               "data_fingerprint": cache.fingerprint, "cache_path": str(cache.path),
               "cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial,
               "max_concurrent": plan.max_concurrent}
     if not saved:
         save_settings(plan, cache.fingerprint)
-    start_ray(plan)
+    print(f"{'resuming' if plan.resume else 'starting'} search {plan.name!r}: space {plan.space.name}, "
+          f"backbones {','.join(plan.backbones)}, {plan.num_samples} trials x <= {plan.max_epochs} epochs, "
+          f"{plan.max_concurrent} at once ({plan.cpus_per_trial:g} CPU, {plan.gpus_per_trial:g} GPU each), "
+          f"data {cache.source.get('kind')} {cache.fingerprint[:12]}", flush=True)
+
     parent_run_id, _ = tracking.open_parent_run(plan.tracking_uri, plan.name, plan.experiment_path, params)
     tuner = build_tuner(plan, make_trainable(plan, str(cache.path)), parent_run_id,
                         pruned_feedback=not plan.args.no_pruned_feedback)
@@ -425,7 +431,7 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
     board = report.leaderboard(summaries)
     board_path = out_dir / "leaderboard.csv"
     board.to_csv(board_path, index=False)
-    interrupted = any(s.status.startswith(("interrupted", "pending")) for s in summaries)
+    interrupted = plan.interrupted = any(s.status.startswith(("interrupted", "pending")) for s in summaries)
     print("\n" + report.format_leaderboard(board, plan.args.top_k))
     ranked = [s for s in summaries if not math.isnan(s.best_val_auc)]
     if not ranked:
@@ -475,7 +481,7 @@ def main(argv=None) -> int:
     if plan is None:
         return 0
     run_search(plan)
-    return 0
+    return 130 if plan.interrupted else 0
 
 
 if __name__ == "__main__":

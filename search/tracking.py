@@ -35,7 +35,11 @@ def ui_command(tracking_uri: str) -> str:
 
 def client(tracking_uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import logging
+
     from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..." chatter
 
     return MlflowClient(tracking_uri=tracking_uri)
 
