@@ -1,0 +1,69 @@
+"""Train/validation splits of a cache's labelled rows.
+
+Random patch splits leak slides: neighbouring patches of one whole-slide image are near-duplicates,
+so a patch-level split puts the same tissue on both sides and inflates validation AUC. When a
+patch -> slide map is known the split is by slide; the official PCam split is used as it is.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from datasets.errors import UserError
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into ``labels``) of a seeded split with the class balance kept on both sides."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        pos = rng.permutation(np.flatnonzero(labels == c))
+        val.append(pos[: max(1, int(round(len(pos) * val_fraction)))])
+    val = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(labels)), val), val
+
+
+def group_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of a seeded split in which no group (slide) is on both sides.
+
+    Slides are dealt to validation in a seeded order, each time taking the slide that brings the
+    validation positive rate closest to the overall one, until the validation share is reached.
+    """
+    slides, inverse = np.unique(groups, return_inverse=True)
+    if len(slides) < 2:
+        raise UserError(f"the slide map puts every patch on one slide ({slides[0]!r}); a slide-level split needs "
+                        f"at least two slides (remove the slide map to split by patch)")
+    n_per = np.bincount(inverse, minlength=len(slides))
+    pos_per = np.bincount(inverse, weights=labels == 1, minlength=len(slides))
+    target_n, target_rate = val_fraction * len(labels), (labels == 1).mean()
+    order = list(np.random.default_rng(seed).permutation(len(slides)))
+    chosen, n, pos = [], 0, 0.0
+    while order and n < target_n and len(chosen) < len(slides) - 1:
+        window = order[: max(1, min(len(order), 5))]  # a little greedy look-ahead, still seed-driven
+        best = min(window, key=lambda s: abs((pos + pos_per[s]) / (n + n_per[s]) - target_rate))
+        order.remove(best)
+        chosen.append(best)
+        n, pos = n + n_per[best], pos + pos_per[best]
+    val = np.sort(np.flatnonzero(np.isin(inverse, chosen)))
+    return np.setdiff1d(np.arange(len(labels)), val), val
+
+
+def train_val_split(cache, val_fraction: float = 0.2, seed: int = 0, use_groups: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (into cache.images) of training and validation patches.
+
+    Official 'valid' split if the cache has one; else by slide when cache.groups is known; else stratified.
+    """
+    valid = cache.indices("valid")
+    if len(valid):
+        return cache.indices("train"), valid
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction {val_fraction}: must be between 0 and 1 (e.g. 0.2)")
+    rows = cache.indices("train")
+    labels = cache.labels[rows]
+    if cache.groups is not None and use_groups:
+        tr, va = group_split(labels, cache.groups[rows], val_fraction, seed)
+    else:
+        tr, va = stratified_split(labels, val_fraction, seed)
+    if len(np.unique(labels[va])) < 2 or len(np.unique(labels[tr])) < 2:
+        raise UserError(f"the validation split ({len(va)} patches) lacks one class, so AUC is undefined; "
+                        f"use more data or a larger val_fraction")
+    return rows[tr], rows[va]
