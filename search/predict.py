@@ -1,0 +1,69 @@
+"""Score a folder of PCam .tif patches with a saved model.
+
+    python -m search.predict --model results/NAME/model.pt --images DIR --out scores.csv
+
+Writes ``id,label`` (id = file name without .tif, label = tumour probability), sorted by id, with
+the mean of the 8 dihedral views by default (--no-tta for the plain view). Images are read and
+checked by the datasets layer (96x96 RGB uint8), so a bad file stops with its name.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from datasets.errors import DataError, UserError, run_cli
+from search import submission as sub
+
+
+def tif_ids(images_dir: Path) -> list[str]:
+    """Ids (file names without .tif, sorted) of the patches in ``images_dir``; other files are reported."""
+    if not images_dir.is_dir():
+        raise UserError(f"--images {images_dir}: not a folder")
+    files = [p for p in images_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
+    ids = sorted(p.stem for p in files if p.suffix == ".tif")
+    if not ids:
+        raise DataError(f"--images {images_dir}: no .tif patches in it (Kaggle PCam patches are <id>.tif)")
+    if len(ids) < len(files):
+        print(f"note: scoring the {len(ids):,} .tif files of {images_dir}; ignoring {len(files) - len(ids)} other file(s)")
+    return ids
+
+
+def score_folder(model_path: Path, images_dir: Path, tta: bool = True, batch_size: int = 256) -> tuple[list[str], np.ndarray]:
+    from datasets.images import read_patches
+    from trainables.train import load_model, predict_proba
+
+    if not Path(model_path).is_file():
+        raise UserError(f"--model {model_path}: not found (train one with `python -m search.refit_best`)")
+    model, config = load_model(model_path)
+    ids = tif_ids(images_dir)
+    images = read_patches(images_dir, ids, progress=True)
+    return ids, predict_proba(model, images, config, tta=tta, batch_size=batch_size)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m search.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a model.pt written by search.refit_best (or trainables' save_model)")
+    p.add_argument("--images", required=True, help="folder of 96x96 RGB .tif patches")
+    p.add_argument("--out", required=True, help="CSV to write (id,label)")
+    p.add_argument("--no-tta", action="store_true", help="plain view only (default: mean of 8 dihedral views)")
+    p.add_argument("--batch-size", type=int, default=256)
+    return p
+
+
+@run_cli
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    ids, probs = score_folder(Path(args.model), Path(args.images), tta=not args.no_tta, batch_size=args.batch_size)
+    out = Path(args.out)
+    sub.clean_stale_tmp(out)
+    sub.write_submission(out, np.asarray(ids), probs)
+    print(f"wrote {out} ({len(ids):,} patches, TTA {'off' if args.no_tta else 'on'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,286 @@
+"""search.refit_best and search.predict end to end on tiny synthetic data (CPU, seconds).
+
+The search itself is not run here: the tests write best_config.json per the schema in
+docs/architecture.md (tests/test_refit_integration.py runs a real search first). Everything else is real:
+the decode-once cache, trainables' fit/predict_proba/save_model, files on disk, a sqlite MLflow store
+with a model registry.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from datasets.cache import prepare_dataset
+from datasets.synthetic import write_kaggle_layout
+from search import predict, refit_best
+from trainables.train import DEFAULTS, load_model, predict_proba
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "tiny"
+# Small, fast and still learnable: the baseline CNN, a few hundred patches, 2 epochs.
+CONFIG = {**DEFAULTS, "backbone": "baseline", "pretrained": False, "batch_size": 32, "lr": 3e-3, "input_size": 48,
+          "aug_strength": 0.2, "epochs": 3, "warmup_epochs": 0, "seed": 0}
+
+
+def write_best_config(results: Path, name: str, cache, tracking_uri: str, **overrides) -> Path:
+    record = {
+        "name": name, "space": "smoke", "config": CONFIG, "trial_id": "t0001", "best_val_auc": 0.8,
+        "best_epoch": 2, "epochs_run": 3, "status": "completed",
+        "experiment_path": str(results / "ray" / name), "checkpoint_path": None,
+        "data_dir": cache.source["data_dir"], "cache_path": str(cache.path), "data_fingerprint": cache.fingerprint,
+        "tracking_uri": tracking_uri, "mlflow_experiment": name, "parent_run_id": None, "child_run_id": None,
+        **overrides,
+    }
+    path = results / name / "best_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A synthetic Kaggle-layout data dir, its cache, and a best_config.json pointing at both."""
+    root = tmp_path_factory.mktemp("refit")
+    data_dir = root / "data"
+    write_kaggle_layout(data_dir, n=300, seed=1, test_fraction=0.2)
+    cache = prepare_dataset(data_dir=str(data_dir), cache_dir=str(root / "cache"), progress=False)
+    results = root / "results"
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    write_best_config(results, NAME, cache, uri)
+    return {"root": root, "data_dir": data_dir, "cache": cache, "results": results, "uri": uri}
+
+
+def run_refit(tiny, *extra: str) -> int:
+    return refit_best.main(["--results-dir", str(tiny["results"]), *extra])
+
+
+@pytest.fixture(scope="module")
+def refitted(tiny):
+    """One refit (newest search, so no --name) shared by the checks below."""
+    torch.set_num_threads(1)
+    assert run_refit(tiny) == 0
+    out = tiny["results"] / NAME
+    return {**tiny, "submission": out / "submission.csv", "model": out / "model.pt",
+            "summary": json.loads((out / "refit.json").read_text())}
+
+
+def test_submission_matches_sample_submission(refitted):
+    sample = pd.read_csv(refitted["data_dir"] / "sample_submission.csv", dtype={"id": str})
+    got = pd.read_csv(refitted["submission"], dtype={"id": str})
+    assert list(got.columns) == ["id", "label"]
+    assert got["id"].tolist() == sample["id"].tolist()  # same ids, same order
+    assert got["label"].between(0, 1).all() and got["label"].notna().all()
+    assert got["label"].nunique() > len(got) // 2  # probabilities, not hard 0/1 labels
+    assert not list(refitted["submission"].parent.glob(".*tmp*"))
+
+
+def test_refit_trains_on_all_labelled_rows_for_the_peak_epoch_count(refitted):
+    s = refitted["summary"]
+    cache = refitted["cache"]
+    assert s["epochs"] == 2  # best_epoch of best_config.json
+    assert s["n_train"] == int(((cache.split != "test") & (cache.labels >= 0)).sum())
+    # test_labels.csv beside sample_submission.csv is picked up: the refit reports a test AUC
+    assert s["test_auc"] is not None and 0.5 < s["test_auc"] <= 1.0
+
+
+def test_model_pt_round_trip_reproduces_the_submission(refitted):
+    state = torch.load(refitted["model"], weights_only=True)  # plain tensors/containers only
+    assert isinstance(state, dict)
+    model, config = load_model(refitted["model"])
+    assert config["backbone"] == "baseline" and config["epochs"] == 2
+    cache = refitted["cache"]
+    probs = predict_proba(model, cache.images[cache.indices("test")], config, tta=True)
+    sub = pd.read_csv(refitted["submission"])
+    np.testing.assert_allclose(probs, sub["label"].to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_registered_mlflow_model_reproduces_the_submission(refitted):
+    import mlflow
+
+    s = refitted["summary"]
+    assert s["registered_model"] == f"pcam-{NAME}"
+    mlflow.set_tracking_uri(refitted["uri"])
+    loaded = mlflow.pytorch.load_model(f"models:/pcam-{NAME}/{s['registered_version']}")
+    _, config = load_model(refitted["model"])
+    cache = refitted["cache"]
+    probs = predict_proba(loaded, cache.images[cache.indices("test")], config, tta=True)
+    sub = pd.read_csv(refitted["submission"])
+    np.testing.assert_allclose(probs, sub["label"].to_numpy(), rtol=1e-4, atol=1e-6)
+
+    run = mlflow.get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["backbone"] == "baseline"
+    assert "test_auc" in run.data.metrics and "train_loss" in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"submission.csv", "test_roc_curve.png"} <= artifacts
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2]  # one point per epoch
+
+
+def test_predict_cli_scores_a_folder_of_tifs(refitted, tmp_path, capsys):
+    test_dir = refitted["data_dir"] / "test"
+    chosen = sorted(test_dir.glob("*.tif"))[:7]
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    for f in chosen:
+        shutil.copy(f, folder / f.name)
+    out = tmp_path / "scores.csv"
+    assert predict.main(["--model", str(refitted["model"]), "--images", str(folder), "--out", str(out)]) == 0
+    got = pd.read_csv(out, dtype={"id": str})
+    assert got["id"].tolist() == sorted(f.stem for f in chosen)
+    sub = pd.read_csv(refitted["submission"], dtype={"id": str}).set_index("id")
+    np.testing.assert_allclose(got["label"], sub.loc[got["id"], "label"], rtol=1e-4, atol=1e-6)
+
+
+def test_predict_cli_names_a_bad_image(refitted, tmp_path, capsys):
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    (folder / "broken.tif").write_bytes(b"not a tiff")
+    rc = predict.main(["--model", str(refitted["model"]), "--images", str(folder), "--out", str(tmp_path / "o.csv")])
+    err = last_line(capsys.readouterr().err)
+    assert rc == 2 and err.startswith("error: ") and "broken.tif" in err
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_no_tta_and_seed_and_epochs_options(tiny, tmp_path):
+    results = tmp_path / "results"
+    write_best_config(results, "opts", tiny["cache"], tiny["uri"])
+    rc = refit_best.main(["--results-dir", str(results), "--name", "opts", "--epochs", "1", "--no-tta",
+                          "--seed", "7", "--no-mlflow"])
+    assert rc == 0
+    s = json.loads((results / "opts" / "refit.json").read_text())
+    assert s["epochs"] == 1 and s["tta"] is False and s["mlflow_run_id"] is None
+    _, config = load_model(results / "opts" / "model.pt")
+    assert config["seed"] == 7
+
+
+# ---------------------------------------------------------------- one-line errors
+def last_line(stderr: str) -> str:
+    """What is left on the terminal at the end: progress bars redraw with \r and are cleared."""
+    return re.split(r"[\r\n]", stderr.strip())[-1]
+
+
+def _error(capsys, argv) -> str:
+    assert refit_best.main(argv) == 2
+    err = capsys.readouterr().err
+    assert last_line(err).startswith("error: ") and err.count("error: ") == 1 and "Traceback" not in err
+    return last_line(err)
+
+
+def test_error_no_search(tmp_path, capsys):
+    err = _error(capsys, ["--results-dir", str(tmp_path)])
+    assert "no search found" in err and "python -m search.run" in err
+
+
+def test_error_unknown_name_lists_searches(tiny, capsys):
+    err = _error(capsys, ["--results-dir", str(tiny["results"]), "--name", "nope"])
+    assert "no search named 'nope'" in err and NAME in err
+
+
+def test_error_unfinished_search_says_resume(tmp_path, capsys):
+    (tmp_path / "ray" / "half").mkdir(parents=True)
+    err = _error(capsys, ["--results-dir", str(tmp_path), "--name", "half"])
+    assert "--resume" in err
+
+
+@pytest.mark.parametrize("overrides", [{"best_val_auc": None, "status": "errored: boom"},
+                                       {"best_val_auc": 0.5, "status": "diverged at epoch 1"}])
+def test_error_no_completed_trial(tiny, tmp_path, capsys, overrides):
+    write_best_config(tmp_path, "bad", tiny["cache"], tiny["uri"], **overrides)
+    err = _error(capsys, ["--results-dir", str(tmp_path), "--name", "bad"])
+    assert "no completed trial" in err
+
+
+def test_error_bad_test_labels(tiny, tmp_path, capsys):
+    bad = tmp_path / "labels.csv"
+    bad.write_text("id,label\nsomething,1\n")
+    err = _error(capsys, ["--results-dir", str(tiny["results"]), "--name", NAME, "--test-labels", str(bad)])
+    assert str(bad) in err and "no label for" in err
+
+
+def test_error_test_ids_do_not_match_sample_submission(tiny, tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny["data_dir"], data_dir)
+    cache = prepare_dataset(data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"), progress=False)
+    write_best_config(tmp_path / "results", "moved", cache, tiny["uri"])
+    sample = pd.read_csv(data_dir / "sample_submission.csv", dtype={"id": str})
+    sample.iloc[::-1].to_csv(data_dir / "sample_submission.csv", index=False)  # edited after the search
+    err = _error(capsys, ["--results-dir", str(tmp_path / "results"), "--name", "moved", "--no-mlflow"])
+    assert "sample_submission.csv" in err and "do not match" in err
+
+
+# ---------------------------------------------------------------- interruption
+def test_killed_refit_leaves_previous_outputs_and_can_rerun(tiny, tmp_path):
+    results = tmp_path / "results"
+    write_best_config(results, "kill", tiny["cache"], tiny["uri"], best_epoch=1)
+    args = ["--results-dir", str(results), "--name", "kill"]
+    assert refit_best.main([*args, "--no-mlflow"]) == 0
+    out = results / "kill"
+    before = {f: (out / f).read_bytes() for f in ("model.pt", "submission.csv")}
+
+    # A long refit, SIGKILLed once training is under way; plant a dead writer's temporary as well.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "search.refit_best", *args, "--epochs", "50"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 1/"):  # training is under way (and its MLflow run open)
+                break
+        else:
+            pytest.fail(f"refit ended before its first epoch (rc {proc.wait()})")
+        (out / ".model.pt.tmp-999999999").write_bytes(b"half written")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    assert {f: (out / f).read_bytes() for f in before} == before
+
+    assert refit_best.main([*args, "--epochs", "1", "--seed", "3"]) == 0
+    assert not list(out.glob(".*tmp*"))
+    import mlflow
+    runs = mlflow.MlflowClient(tiny["uri"]).search_runs(
+        [mlflow.MlflowClient(tiny["uri"]).get_experiment_by_name("kill").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]  # the killed run is not left "running"
+    assert (out / "model.pt").read_bytes() != before["model.pt"]
+    sample = pd.read_csv(tiny["data_dir"] / "sample_submission.csv", dtype={"id": str})
+    assert pd.read_csv(out / "submission.csv", dtype={"id": str})["id"].tolist() == sample["id"].tolist()
+
+
+# ---------------------------------------------------------------- --from-checkpoint
+def test_from_checkpoint_predicts_with_the_trial_weights(tiny, tmp_path):
+    from trainables.train import fit, load_checkpoint, save_checkpoint
+
+    cache = tiny["cache"]
+    ckpt = tmp_path / "checkpoint_000000"
+    fit(CONFIG, cache, cache.indices("train")[:64], epochs=1,
+        on_epoch=lambda metrics, state, preds: save_checkpoint(ckpt, state, preds))
+    results = tmp_path / "results"
+    write_best_config(results, "ckpt", cache, tiny["uri"], checkpoint_path=str(ckpt))
+    assert refit_best.main(["--results-dir", str(results), "--name", "ckpt", "--from-checkpoint", "--no-mlflow"]) == 0
+    model, config = load_model(results / "ckpt" / "model.pt")
+    trial = load_checkpoint(ckpt)
+    assert config == trial["config"]
+    for k, v in trial["model"].items():
+        assert torch.equal(model.state_dict()[k].cpu(), v)
+    s = json.loads((results / "ckpt" / "refit.json").read_text())
+    assert s["from_checkpoint"] and s["n_train"] == 0
+
+
+def test_error_from_checkpoint_without_checkpoint(tiny, tmp_path, capsys):
+    write_best_config(tmp_path, "gone", tiny["cache"], tiny["uri"], checkpoint_path=str(tmp_path / "nope"))
+    err = _error(capsys, ["--results-dir", str(tmp_path), "--name", "gone", "--from-checkpoint", "--no-mlflow"])
+    assert "checkpoint" in err and "is missing" in err and "without --from-checkpoint" in err
