@@ -115,7 +115,10 @@ class KillAfterFirstCheckpoint(tune.Callback):
     """Kills the healthy trial's worker once its epoch-1 checkpoint is saved, as a preempted node or
     an OOM kill would: Tune must restore the trial from that checkpoint."""
 
-    killed = None
+    killed = recovered = None
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.recovered = trial.trial_id
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         if self.killed is None and trial.config["lr"] < 1:
@@ -162,10 +165,13 @@ def test_tune_reports_and_checkpoints_every_epoch(tune_run):
 def test_tune_resumes_a_killed_trial_at_the_next_epoch(tune_run, toy_cache):
     grid, killer = tune_run
     good = next(r for r in grid if r.config["lr"] == 3e-3)
-    assert killer.killed is not None and good.metrics["trial_id"] == killer.killed
-    # After the restore the trial reported epoch 2 only: it continued from the epoch-1 checkpoint.
-    assert list(good.metrics_dataframe["epoch"]) == [2]
-    assert good.metrics["training_iteration"] == 2 and good.metrics["trial_status"] == "completed"
+    assert killer.killed == good.metrics["trial_id"] == killer.recovered   # killed, then recovered by Tune
+    # Tune restored the iteration count (1) from the checkpoint; had train_pcam ignored that
+    # checkpoint it would have started over and reported epoch 1 again as iteration 2.
+    assert good.metrics["training_iteration"] == 2 and good.metrics["epoch"] == 2
+    assert good.metrics["trial_status"] == "completed"
+    epochs = list(good.metrics_dataframe["epoch"])
+    assert epochs[-1] == 2 and len(epochs) == len(set(epochs))
     # ... and reproduced what an uninterrupted run computes (RNG streams seeded per epoch).
     from datasets.splits import train_val_split
     train_idx, val_idx = train_val_split(toy_cache, val_fraction=TINY["val_fraction"], seed=0)
@@ -186,7 +192,7 @@ def test_cli_prints_one_line_per_epoch(toy_dir, tmp_path):
     lines = [l for l in out.stdout.splitlines() if l.startswith("epoch")]
     assert len(lines) == 1 and "val_auc" in lines[0] and "img/s" in lines[0] and "completed" in lines[0]
     assert (tmp_path / "model.pt").is_file()
-    bad = subprocess.run(cmd[:3] + ["resnet18", "--epochs", "1", "--data-dir", str(toy_dir), "--cache-dir",
+    bad = subprocess.run(cmd[:4] + ["resnet18", "--epochs", "1", "--data-dir", str(toy_dir), "--cache-dir",
                                     str(tmp_path / "c")], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "resnet18-f37072fd.pth" in bad.stderr and "Traceback" not in bad.stderr

@@ -430,8 +430,11 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         cfg = resolve_config(blob["config"])
-    except (KeyError, TypeError, RuntimeError, EOFError) as e:
-        raise UserError(f"{path} is not a pcam-tune model file ({type(e).__name__})") from None
+    except UserError:
+        raise
+    except Exception as e:  # unpickling errors, truncated files, foreign dicts
+        raise UserError(f"{path} is not a pcam-tune model file ({type(e).__name__}); "
+                        f"write one with save_model / --out") from None
     # The saved state dict holds every weight: no need (or network) for ImageNet weights.
     model = build_model(cfg["backbone"], pretrained=False, unfreeze_depth=cfg["unfreeze_depth"],
                         dropout=cfg["dropout"])
