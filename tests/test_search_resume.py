@@ -47,10 +47,13 @@ def progress_rows(experiment: Path, trial_id: str) -> int:
 
 
 def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
+    from datasets.synthetic import write_kaggle_layout
+
+    write_kaggle_layout(tmp_path / "pcam", n=240, seed=0)  # tiny: seconds per CPU epoch
     uri = f"sqlite:///{tmp_path / 'results'}/mlflow.db"
     experiment = tmp_path / "results" / "ray" / NAME
     proc = start_search(tmp_path, "--space", "smoke", "--num-samples", str(NUM_SAMPLES), "--max-epochs", "3",
-                        "--seed", "5")
+                        "--seed", "5", "--data-dir", str(tmp_path / "pcam"))
     try:
         deadline = time.monotonic() + 300
         done = {}
