@@ -81,15 +81,17 @@ def test_real_offline_weights_import_and_load_strictly(empty_torch_home):
     assert torch.equal(loaded.mean, model.mean) and torch.equal(loaded.std, model.std)
 
 
-def test_cli_list_and_import_offline(tmp_path):
+def test_cli_import_offline_then_list(tmp_path, monkeypatch, capsys):
     _offline_file()
     env = {"TORCH_HOME": str(tmp_path / "th"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "trainables.weights", *a], cwd=REPO, env=env,
-                                    capture_output=True, text=True, timeout=120)
-    out = run("import-offline")
+    out = subprocess.run([sys.executable, "-m", "trainables.weights", "import-offline"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    listing = run("list").stdout
-    assert "mobilenet_v2-b0353104.pth" in listing and "cached" in listing.split("mobilenet_v2 ")[1].splitlines()[0]
-    assert "resnet18-f37072fd.pth" in listing and "missing" in listing
-    bad = run("import", str(tmp_path / "none.pth"), "--backbone", "resnet18")
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    assert (tmp_path / "th" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth").is_file()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    assert weights.main(["list"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["mobilenet_v2"].split()[1:] == ["mobilenet_v2-b0353104.pth", "cached"]
+    assert rows["resnet18"].split()[1:] == ["resnet18-f37072fd.pth", "missing"]
+    assert weights.main(["import", str(tmp_path / "none.pth"), "--backbone", "resnet18"]) == 2
+    assert capsys.readouterr().err.startswith("error: weights file")
