@@ -187,7 +187,7 @@ def refit(args) -> dict:
                    "test_labels": labels_from, "mlflow_run_id": run.info.run_id if run else None}
         write_outputs(out_dir, model, config, ids, probs, summary)
         if test_labels is not None:
-            summary["test_auc"] = report_test_auc(test_labels, probs, labels_from, run)
+            summary["test_auc"] = report_test_auc(test_labels, probs, labels_from, run, out_dir)
         if run is not None:
             log_outputs(best, model, config, cache, test_idx if ids is not None else train_idx, summary)
         write_json_atomic(out_dir / "refit.json", summary)
@@ -281,9 +281,9 @@ def epoch_reporter(epochs: int, run):
     """fit's on_epoch callback: a line per epoch on the console, the metrics into the refit's MLflow run."""
     def on_epoch(metrics: dict, state, predictions) -> None:
         epoch = int(metrics.get("epoch", 0))
-        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("train_loss", "lr", "epoch_seconds", "images_per_s")
-                         if isinstance(metrics.get(k), (int, float)))
-        print(f"epoch {epoch}/{epochs} {shown}", flush=True)
+        print(f"epoch {epoch}/{epochs}  train_loss {metrics.get('train_loss', float('nan')):.4f}  "
+              f"lr {metrics.get('lr', float('nan')):.3g}  {metrics.get('epoch_seconds', 0):.1f}s  "
+              f"{metrics.get('images_per_s', 0):.0f} img/s", flush=True)
         if run is not None:
             import mlflow
             numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}
@@ -291,7 +291,8 @@ def epoch_reporter(epochs: int, run):
     return on_epoch
 
 
-def report_test_auc(labels, probs, labels_from, run) -> float | None:
+def report_test_auc(labels, probs, labels_from, run, out_dir: Path) -> float | None:
+    """Print the test AUC; save the ROC curve beside the submission and log both to MLflow."""
     from sklearn.metrics import roc_auc_score
 
     if len(np.unique(labels)) < 2:
@@ -299,10 +300,12 @@ def report_test_auc(labels, probs, labels_from, run) -> float | None:
         return None
     auc = float(roc_auc_score(labels, probs))
     print(f"test AUC {auc:.4f} on {len(labels):,} patches (labels from {labels_from})")
+    fig = roc_figure(labels, probs, auc)
+    fig.savefig(out_dir / "test_roc_curve.png", dpi=100)
     if run is not None:
         import mlflow
         mlflow.log_metric("test_auc", auc)
-        mlflow.log_figure(roc_figure(labels, probs, auc), "test_roc_curve.png")
+        mlflow.log_figure(fig, "test_roc_curve.png")
     return auc
 
 

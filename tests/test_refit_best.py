@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +92,8 @@ def test_refit_trains_on_all_labelled_rows_for_the_peak_epoch_count(refitted):
     assert s["n_train"] == int(((cache.split != "test") & (cache.labels >= 0)).sum())
     # test_labels.csv beside sample_submission.csv is picked up: the refit reports a test AUC
     assert s["test_auc"] is not None and 0.5 < s["test_auc"] <= 1.0
+    assert s["test_labels"] == str(refitted["data_dir"] / "test_labels.csv")
+    assert (refitted["results"] / NAME / "test_roc_curve.png").stat().st_size > 1000
 
 
 def test_model_pt_round_trip_reproduces_the_submission(refitted):
