@@ -15,6 +15,7 @@ import argparse
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from ray.tune import Stopper
@@ -94,15 +95,17 @@ def best_at(curve: list[tuple[int, float]], budget: int) -> float:
 def get_args_parser():
     p = argparse.ArgumentParser(prog="python -m search.bench", description=__doc__.splitlines()[0])
     p.add_argument("--space", default="baseline")
-    p.add_argument("--budget", type=int, default=40, help="trial-epochs per search (default 40)")
+    p.add_argument("--budget", type=int, default=16, help="trial-epochs per search (default 16)")
     p.add_argument("--max-epochs", type=int, default=4)
     p.add_argument("--grace-period", type=int, default=1)
     p.add_argument("--reduction-factor", type=float, default=2)
-    p.add_argument("--max-train-samples", type=int, default=512, help="training patches per trial (speed)")
-    p.add_argument("--seeds", type=int, default=2, help="repeat each strategy with this many searcher seeds")
+    p.add_argument("--max-train-samples", type=int, default=256, help="training patches per trial (speed)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat each strategy with this many searcher seeds")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--max-concurrent", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--data-dir", help="default: the embedded synthetic data")
+    p.add_argument("--data-dir", help="default: synthetic data of --synthetic-n patches")
+    p.add_argument("--synthetic-n", type=int, default=600,
+                   help="patches of the generated synthetic set when no --data-dir (default 600: CPU-sized)")
     p.add_argument("--cache-dir")
     return p
 
@@ -110,12 +113,20 @@ def get_args_parser():
 @run_cli
 def main(argv=None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no per-search result boxes
     args = get_args_parser().parse_args(argv)
     import ray
 
     from datasets.cache import prepare_dataset
 
-    cache = prepare_dataset(args.data_dir, args.cache_dir, progress=True)
+    data_dir = args.data_dir
+    if data_dir is None:  # the embedded generator at a CPU-friendly size, generated once under the cache root
+        from datasets.cache import default_cache_root
+        from datasets.synthetic import ensure_synthetic
+
+        root = Path(args.cache_dir) if args.cache_dir else default_cache_root()
+        data_dir = ensure_synthetic(root / "synthetic", n=args.synthetic_n, seed=0)
+    cache = prepare_dataset(data_dir, args.cache_dir, progress=True)
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     strategies = [s.strip() for s in args.strategies.split(",")]
     curves: dict[str, list] = {s: [] for s in strategies}
@@ -130,7 +141,7 @@ def main(argv=None) -> int:
     ray.shutdown()
     marks = sorted({max(1, round(args.budget * f)) for f in (0.25, 0.5, 0.75, 1.0)})
     print(f"\nbest val_auc vs budget (trial-epochs), mean over {args.seeds} seed(s); space {args.space}, "
-          f"max {args.max_epochs} epochs, {args.max_train_samples} train patches, {cache.source.get('kind')} data")
+          f"max {args.max_epochs} epochs, <= {args.max_train_samples} train patches, data {data_dir}")
     print(f"{'strategy':15s}" + "".join(f"{m:>10d}" for m in marks))
     for s in strategies:
         means = [np.nanmean([best_at(c, m) for c in curves[s]]) for m in marks]

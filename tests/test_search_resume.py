@@ -17,7 +17,7 @@ from search import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "resume-test"
-NUM_SAMPLES = 5
+NUM_SAMPLES = 4
 
 
 def start_search(tmp_path, *extra, log="first.log"):
@@ -52,7 +52,7 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
     write_kaggle_layout(tmp_path / "pcam", n=240, seed=0)  # tiny: seconds per CPU epoch
     uri = f"sqlite:///{tmp_path / 'results'}/mlflow.db"
     experiment = tmp_path / "results" / "ray" / NAME
-    proc = start_search(tmp_path, "--space", "smoke", "--num-samples", str(NUM_SAMPLES), "--max-epochs", "3",
+    proc = start_search(tmp_path, "--space", "smoke", "--num-samples", str(NUM_SAMPLES), "--max-epochs", "2",
                         "--seed", "5", "--data-dir", str(tmp_path / "pcam"))
     try:
         deadline = time.monotonic() + 300
@@ -61,7 +61,9 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no two trials finished in 300 s"
             time.sleep(1)
-            if (tmp_path / "results" / "mlflow.db").exists():
+            # Only read the store once the Tuner runs: the driver has created its tables by then (two
+            # processes initialising one sqlite schema at once would race).
+            if "== Status ==" in (tmp_path / "first.log").read_text():
                 done = finished_children(uri)
         time.sleep(1.5)  # let Ray write its experiment state after those trials
     finally:
