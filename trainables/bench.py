@@ -137,6 +137,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--train-batches", type=int, default=4, help="batches per training-step measurement")
     p.add_argument("--workers", type=int, default=None, help="notebook DataLoader workers (default: CPUs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the main process (default: the CPUs it may use); on a machine shared "
+                        "with other jobs, 1 avoids OpenMP threads waiting on busy cores")
     p.add_argument("--skip-224", action="store_true")
     return p
 
@@ -144,7 +147,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 @run_cli
 def main(argv=None) -> None:
     args = get_args_parser().parse_args(argv)
-    torch.set_num_threads(trial_cpus())
+    torch.set_num_threads(args.threads or trial_cpus())
     device = pick_device()
     workers = args.workers if args.workers is not None else trial_cpus()
     cache, idx, files, labels = load_data(args.data_dir, args.cache_dir)
