@@ -18,7 +18,6 @@ Default data: ../shared/pcam_sample when present, else the embedded synthetic da
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
