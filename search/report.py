@@ -27,21 +27,35 @@ def error_line(error) -> str:
 
 
 def trial_status(last: dict | None, max_epochs: int, *, error=None, finished: bool = True,
-                 budget_hit: bool = False) -> str:
-    """completed | stopped by ASHA at epoch k | stopped by time budget at epoch k | diverged at epoch k |
-    errored: <error> | interrupted at epoch k | pending."""
+                 budget_hit: bool = False, interrupted: bool = False) -> str:
+    """completed | stopped by ASHA at epoch k | diverged at epoch k | errored: <error> | for trials the search
+    left unfinished: interrupted at epoch k | stopped by time budget at epoch k | pending."""
     if error is not None:
         return f"errored: {error_line(error)}"
-    if not last:
-        return "pending" if not finished else "ended without reporting"
-    epoch = int(last.get("epoch", last.get("training_iteration", 0)))
-    if last.get("trial_status") == "diverged":
+    epoch = int((last or {}).get("epoch", (last or {}).get("training_iteration", 0)))
+    if last and last.get("trial_status") == "diverged":
         return f"diverged at epoch {epoch}"
-    if last.get("trial_status") == "completed" or last.get("training_iteration", 0) >= max_epochs:
+    if last and (last.get("trial_status") == "completed" or last.get("training_iteration", 0) >= max_epochs):
         return "completed"
-    if not finished:
-        return f"interrupted at epoch {epoch}"
+    if not finished:  # the search ended around it: resumable with --resume
+        if interrupted or not budget_hit:
+            return f"interrupted at epoch {epoch}" if last else "pending"
+        return f"stopped by time budget at epoch {epoch}"
+    if not last:
+        return "ended without reporting"
     return f"stopped by {'time budget' if budget_hit else 'ASHA'} at epoch {epoch}"
+
+
+def unfinished_trials(experiment_path: str) -> set[str]:
+    """Trials the search left unfinished (Ctrl-C, time budget), read from the experiment state Ray saved before
+    its clean-up marks every trial TERMINATED in memory: these are the ones --resume continues."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(experiment_path).trials
+    except Exception:  # no state (nothing ran): nothing to resume
+        return set()
+    return {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
 
 
 @dataclass
@@ -69,7 +83,8 @@ def _best_checkpoint_path(result, best_epoch: int) -> str | None:
     return max(best, key=lambda cm: cm[1]["val_auc"])[0].path
 
 
-def summarize(result_grid, max_epochs: int, budget_hit: bool = False) -> list[TrialSummary]:
+def summarize(result_grid, max_epochs: int, budget_hit: bool = False, interrupted: bool = False,
+              unfinished: set[str] | None = None) -> list[TrialSummary]:
     """One summary per trial, best first. Trials that never reported rank last with AUC NaN."""
     from ray.tune.experiment import Trial
 
@@ -88,9 +103,9 @@ def summarize(result_grid, max_epochs: int, budget_hit: bool = False) -> list[Tr
             best_auc, best_epoch = float(hist["val_auc"].iloc[i]), int(hist["epoch"].iloc[i])
         else:
             best_auc, best_epoch = math.nan, 0
-        finished = trial.status in (Trial.TERMINATED, Trial.ERROR)
+        finished = trial.status in (Trial.TERMINATED, Trial.ERROR) and trial.trial_id not in (unfinished or ())
         status = trial_status(trial.last_result or None, max_epochs, error=result.error, finished=finished,
-                              budget_hit=budget_hit)
+                              budget_hit=budget_hit, interrupted=interrupted)
         out.append(TrialSummary(
             trial_id=trial.trial_id, config=dict(trial.config), status=status, best_val_auc=best_auc,
             best_epoch=best_epoch, epochs_run=int(hist["epoch"].max()) if len(hist) else 0, history=hist,

@@ -108,7 +108,8 @@ class Plan:
     experiment_path: str
     resume: bool
     tracking_uri: str
-    interrupted: bool = False
+    interrupted: bool = False  # a Ctrl-C ended the search (exit code 130)
+    unfinished: int = 0  # trials left for --resume (Ctrl-C or time budget)
 
 
 def _positive(value, option: str, allow_zero: bool = False):
@@ -421,22 +422,51 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
     tuner = build_tuner(plan, make_trainable(plan, str(cache.path)), parent_run_id,
                         pruned_feedback=not plan.args.no_pruned_feedback)
     started = time.monotonic()
-    grid = tuner.fit()
+    grid, interrupted = fit_watching_ctrl_c(tuner)
     budget_hit = bool(plan.time_budget_s) and time.monotonic() - started >= 0.98 * plan.time_budget_s
-    summaries = report.summarize(grid, plan.max_epochs, budget_hit=budget_hit)
+    unfinished = report.unfinished_trials(plan.experiment_path)
+    summaries = report.summarize(grid, plan.max_epochs, budget_hit=budget_hit, interrupted=interrupted,
+                                 unfinished=unfinished)
+    tracking.reconcile_children(plan.tracking_uri, plan.name, parent_run_id,
+                                {s.trial_id: s.status for s in summaries}, unfinished)
+    plan.interrupted, plan.unfinished = interrupted, len(unfinished)
     return finish(plan, summaries, cache, data_dir, parent_run_id, out_dir)
+
+
+def fit_watching_ctrl_c(tuner):
+    """Tuner.fit(), and whether a Ctrl-C ended it. Ray swaps in its own SIGINT handler during fit, saves the
+    state on the first Ctrl-C, returns normally, and puts the previous handler back only in that case: so
+    finding our handler installed again afterwards means the search was interrupted."""
+    import signal
+
+    def second_ctrl_c(sig, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, second_ctrl_c)
+    try:
+        grid = tuner.fit()
+        ray_caught = signal.getsignal(signal.SIGINT) is second_ctrl_c and \
+            os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return grid, ray_caught
 
 
 def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path) -> dict:
     board = report.leaderboard(summaries)
     board_path = out_dir / "leaderboard.csv"
     board.to_csv(board_path, index=False)
-    interrupted = plan.interrupted = any(s.status.startswith(("interrupted", "pending")) for s in summaries)
+    interrupted = plan.interrupted
+    resume_hint = f"continue it with: python -m search.run --name {plan.name} --resume"
     print("\n" + report.format_leaderboard(board, plan.args.top_k))
     ranked = [s for s in summaries if not math.isnan(s.best_val_auc)]
     if not ranked:
         tracking.finish_parent(plan.tracking_uri, parent_run_id, metrics={"n_trials": len(summaries)},
-                               tags={"outcome": "no trial reported"}, artifacts=[board_path], status="FAILED")
+                               tags={"outcome": "no trial reported"}, artifacts=[board_path],
+                               status="KILLED" if interrupted else "FAILED")
+        if interrupted:
+            print(f"search interrupted before any epoch finished; {resume_hint}")
+            return {}
         first = next((s.status for s in summaries if s.error), "no trial reported a result")
         raise UserError(f"no trial of {plan.name} finished an epoch ({first}); see {board_path}")
     best = ranked[0]
@@ -461,9 +491,9 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
         artifacts=[board_path, best_path, *pictures], status="KILLED" if interrupted else "FINISHED")
     print(f"\nbest: trial {best.trial_id} val_auc {best.best_val_auc:.4f} at epoch {best.best_epoch} "
           f"({best.status})\nleaderboard: {board_path}\nbest config: {best_path}")
-    if interrupted:
-        print(f"search interrupted; continue it with: python -m search.run --space {plan.space.name} "
-              f"--name {plan.name} --resume")
+    if plan.unfinished:
+        print(f"search {'interrupted' if interrupted else 'stopped by its time budget'} with {plan.unfinished} "
+              f"trial(s) unfinished; {resume_hint}")
     print(f"compare the trials in MLflow (experiment {plan.name!r}):\n  {tracking.ui_command(plan.tracking_uri)}")
     return record
 

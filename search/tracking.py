@@ -106,7 +106,6 @@ class MlflowTrialCallback(Callback):
         self._exp_id = None
         self._runs: dict[str, str] = {}  # trial_id -> child run id
         self._last_step: dict[str, int] = {}  # trial_id -> last epoch logged (resume: no double logging)
-        self._finished: set[str] = set()  # trial ids whose child run got its final status in this session
         self._started = time.monotonic()
 
     # The callback is pickled into the Ray experiment state (tuner.pkl); the client is not picklable.
@@ -123,8 +122,6 @@ class MlflowTrialCallback(Callback):
         self._started = time.monotonic()
         for trial_id, run in child_runs(self._mlf, self._exp_id, self.parent_run_id).items():
             self._runs[trial_id] = run.info.run_id
-            if run.info.status in ("FINISHED", "FAILED"):
-                self._finished.add(trial_id)  # ended in an earlier session: its status is final
             hist = self._mlf.get_metric_history(run.info.run_id, "val_auc")
             self._last_step[trial_id] = max((m.step for m in hist), default=0)
 
@@ -175,21 +172,25 @@ class MlflowTrialCallback(Callback):
         for k, v in {"status": status, **(tags or {})}.items():
             self._mlf.set_tag(run_id, k, v)
         self._mlf.set_terminated(run_id, run_status)
-        self._finished.add(trial.trial_id)
 
-    def on_experiment_end(self, trials, **info):
-        # Trials cut by the time budget end TERMINATED without a completion callback; trials still running
-        # after a Ctrl-C stay resumable. Give both their final word.
-        for trial in trials:
-            if trial.trial_id not in self._runs or trial.trial_id in self._finished:
-                continue
-            if trial.status == "TERMINATED":
-                self._finish(trial, trial_status(trial.last_result, self.max_epochs, budget_hit=self._budget_hit()),
-                             "FINISHED")
-            elif trial.status != "ERROR":
-                self._mlf.set_tag(self._runs[trial.trial_id], "status",
-                                  trial_status(trial.last_result, self.max_epochs, finished=False) + " (resumable)")
-                self._mlf.set_terminated(self._runs[trial.trial_id], "KILLED")
+    # No on_experiment_end: Ray marks every trial TERMINATED before calling it, so an interrupted trial cannot
+    # be told from a finished one here. The driver settles the final statuses (reconcile_children).
+
+
+def reconcile_children(tracking_uri: str, experiment_name: str, parent_run_id: str, statuses: dict[str, str],
+                       unfinished: set[str]) -> None:
+    """Give every child run the status the leaderboard shows; unfinished trials end KILLED (resumable)."""
+    mlf = client(tracking_uri)
+    for trial_id, run in child_runs(mlf, experiment_id(mlf, experiment_name), parent_run_id).items():
+        status = statuses.get(trial_id)
+        if status is None:
+            continue
+        if run.data.tags.get("status") != status:
+            mlf.set_tag(run.info.run_id, "status", status)
+        if trial_id in unfinished and run.info.status != "KILLED":
+            mlf.set_terminated(run.info.run_id, "KILLED")
+        elif trial_id not in unfinished and run.info.status == "RUNNING":
+            mlf.set_terminated(run.info.run_id, "FAILED" if status.startswith("errored") else "FINISHED")
 
 
 def _error_text(trial) -> str:

@@ -151,3 +151,17 @@ def test_stopped_early():
     assert not stopped_early({"training_iteration": 4, "trial_status": "running"}, 4)
     assert not stopped_early({"training_iteration": 2, "trial_status": "diverged"}, 4)
     assert not stopped_early(None, 4)
+
+
+def test_trial_status_wording():
+    from search.report import trial_status
+
+    done = {"epoch": 4, "training_iteration": 4, "trial_status": "completed"}
+    early = {"epoch": 1, "training_iteration": 1, "trial_status": "running"}
+    assert trial_status(done, 4) == "completed"
+    assert trial_status(early, 4) == "stopped by ASHA at epoch 1"
+    assert trial_status({**early, "trial_status": "diverged"}, 4) == "diverged at epoch 1"
+    assert trial_status(early, 4, error="Traceback...\nValueError: boom\n") == "errored: ValueError: boom"
+    assert trial_status(early, 4, finished=False, interrupted=True) == "interrupted at epoch 1"
+    assert trial_status(early, 4, finished=False, budget_hit=True) == "stopped by time budget at epoch 1"
+    assert trial_status(None, 4, finished=False, interrupted=True) == "pending"
