@@ -106,9 +106,13 @@ def test_config_typos_are_user_errors():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Share a Ray instance another test module may have started; shut down only our own.
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 class KillAfterFirstCheckpoint(tune.Callback):
