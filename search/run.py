@@ -334,7 +334,8 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str, pruned_feedback: bool
                 metric_columns={"epoch": "epoch", "val_auc": "val_auc", "val_loss": "val_loss",
                                 "train_loss": "train_loss", "trial_status": "status"},
                 parameter_columns=table_columns(plan),
-                sort_by_metric=True, max_report_frequency=15),
+                # No sort_by_metric: Ray sorts with None for trials cut before reporting and crashes.
+                max_report_frequency=15),
             verbose=1),
     )
 
