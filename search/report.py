@@ -26,8 +26,17 @@ def error_line(error) -> str:
     return (lines[-1] if lines else type(error).__name__)[:500]
 
 
+def asha_rungs(grace_period: int, reduction_factor: float, max_epochs: int) -> set[int]:
+    """The epochs at which ASHA can stop a trial (Ray's milestones: grace * rf^k below max_t)."""
+    rungs, t = set(), float(grace_period)
+    while t < max_epochs:
+        rungs.add(int(t))
+        t *= reduction_factor
+    return rungs
+
+
 def trial_status(last: dict | None, max_epochs: int, *, error=None, finished: bool = True,
-                 budget_hit: bool = False, interrupted: bool = False) -> str:
+                 budget_hit: bool = False, interrupted: bool = False, rungs: set[int] | None = None) -> str:
     """completed | stopped by ASHA at epoch k | diverged at epoch k | errored: <error> | for trials the search
     left unfinished: interrupted at epoch k | stopped by time budget at epoch k | pending."""
     if error is not None:
@@ -43,6 +52,8 @@ def trial_status(last: dict | None, max_epochs: int, *, error=None, finished: bo
         return f"stopped by time budget at epoch {epoch}"
     if not last:
         return "ended without reporting"
+    if rungs is not None and epoch not in rungs:  # ASHA only stops at its rungs: the search's end cut it
+        return f"stopped by time budget at epoch {epoch}" if budget_hit else f"stopped at epoch {epoch}"
     return f"stopped by {'time budget' if budget_hit else 'ASHA'} at epoch {epoch}"
 
 
@@ -84,7 +95,7 @@ def _best_checkpoint_path(result, best_epoch: int) -> str | None:
 
 
 def summarize(result_grid, max_epochs: int, budget_hit: bool = False, interrupted: bool = False,
-              unfinished: set[str] | None = None) -> list[TrialSummary]:
+              unfinished: set[str] | None = None, rungs: set[int] | None = None) -> list[TrialSummary]:
     """One summary per trial, best first. Trials that never reported rank last with AUC NaN."""
     from ray.tune.experiment import Trial
 
@@ -105,7 +116,7 @@ def summarize(result_grid, max_epochs: int, budget_hit: bool = False, interrupte
             best_auc, best_epoch = math.nan, 0
         finished = trial.status in (Trial.TERMINATED, Trial.ERROR) and trial.trial_id not in (unfinished or ())
         status = trial_status(trial.last_result or None, max_epochs, error=result.error, finished=finished,
-                              budget_hit=budget_hit, interrupted=interrupted)
+                              budget_hit=budget_hit, interrupted=interrupted, rungs=rungs)
         out.append(TrialSummary(
             trial_id=trial.trial_id, config=dict(trial.config), status=status, best_val_auc=best_auc,
             best_epoch=best_epoch, epochs_run=int(hist["epoch"].max()) if len(hist) else 0, history=hist,

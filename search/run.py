@@ -311,8 +311,13 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str, pruned_feedback: bool
     if plan.resume:
         # Searcher (TPE study), scheduler (ASHA rungs), trials and the callback come back from the experiment
         # state; finished trials are not re-run, unfinished ones continue from their latest checkpoint.
-        return tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        # The restored RunConfig carries the reporter pickled by the first run; use this version's.
+        run_config = getattr(getattr(tuner, "_local_tuner", None), "get_run_config", lambda: None)()
+        if run_config is not None:
+            run_config.progress_reporter = make_reporter(plan)
+        return tuner
     searcher = make_searcher(define_by_run(plan.space, plan.backbones, plan.opts), seed=plan.args.seed,
                              num_samples=plan.num_samples, max_t=plan.max_epochs, metric=METRIC, mode=MODE,
                              pruned_feedback=pruned_feedback)
@@ -330,14 +335,19 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str, pruned_feedback: bool
             # Errors in a trial are recorded and the search goes on; on a cluster, retry a trial whose node
             # died (from its checkpoint) before calling it failed.
             failure_config=tune.FailureConfig(max_failures=2 if plan.args.address else 0, fail_fast=False),
-            progress_reporter=tune.CLIReporter(
-                metric_columns={"epoch": "epoch", "val_auc": "val_auc", "val_loss": "val_loss",
-                                "train_loss": "train_loss", "trial_status": "status"},
-                parameter_columns=table_columns(plan),
-                # No sort_by_metric: Ray sorts with None for trials cut before reporting and crashes.
-                max_report_frequency=15),
+            progress_reporter=make_reporter(plan),
             verbose=1),
     )
+
+
+def make_reporter(plan: Plan):
+    from ray import tune
+
+    # No sort_by_metric: Ray sorts with None for trials cut before reporting and crashes.
+    return tune.CLIReporter(
+        metric_columns={"epoch": "epoch", "val_auc": "val_auc", "val_loss": "val_loss", "train_loss": "train_loss",
+                        "trial_status": "status"},
+        parameter_columns=table_columns(plan), max_report_frequency=15)
 
 
 def table_columns(plan: Plan) -> list[str]:
@@ -424,10 +434,12 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
                         pruned_feedback=not plan.args.no_pruned_feedback)
     started = time.monotonic()
     grid, interrupted = fit_watching_ctrl_c(tuner)
-    budget_hit = bool(plan.time_budget_s) and time.monotonic() - started >= 0.98 * plan.time_budget_s
+    # Ray counts the budget across resumes, so a resumed search may hit it at once: any budget counts.
+    budget_hit = bool(plan.time_budget_s) and (plan.resume or time.monotonic() - started >= 0.98 * plan.time_budget_s)
     unfinished = report.unfinished_trials(plan.experiment_path)
     summaries = report.summarize(grid, plan.max_epochs, budget_hit=budget_hit, interrupted=interrupted,
-                                 unfinished=unfinished)
+                                 unfinished=unfinished,
+                                 rungs=report.asha_rungs(plan.grace_period, plan.reduction_factor, plan.max_epochs))
     tracking.reconcile_children(plan.tracking_uri, plan.name, parent_run_id,
                                 {s.trial_id: s.status for s in summaries}, unfinished)
     plan.interrupted, plan.unfinished = interrupted, len(unfinished)
@@ -492,9 +504,10 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
         artifacts=[board_path, best_path, *pictures], status="KILLED" if interrupted else "FINISHED")
     print(f"\nbest: trial {best.trial_id} val_auc {best.best_val_auc:.4f} at epoch {best.best_epoch} "
           f"({best.status})\nleaderboard: {board_path}\nbest config: {best_path}")
-    if plan.unfinished:
-        print(f"search {'interrupted' if interrupted else 'stopped by its time budget'} with {plan.unfinished} "
-              f"trial(s) unfinished; {resume_hint}")
+    if interrupted:
+        print(f"search interrupted with {plan.unfinished} trial(s) unfinished; {resume_hint}")
+    elif plan.unfinished:  # Ray counts the budget across resumes: a spent budget is the end of this search
+        print(f"time budget reached: {plan.unfinished} trial(s) cut short")
     print(f"compare the trials in MLflow (experiment {plan.name!r}):\n  {tracking.ui_command(plan.tracking_uri)}")
     return record
 

@@ -165,3 +165,12 @@ def test_trial_status_wording():
     assert trial_status(early, 4, finished=False, interrupted=True) == "interrupted at epoch 1"
     assert trial_status(early, 4, finished=False, budget_hit=True) == "stopped by time budget at epoch 1"
     assert trial_status(None, 4, finished=False, interrupted=True) == "pending"
+
+
+def test_asha_rungs_tell_asha_stops_from_budget_cuts():
+    from search.report import asha_rungs, trial_status
+
+    assert asha_rungs(1, 2, 8) == {1, 2, 4} and asha_rungs(2, 3, 8) == {2, 6} and asha_rungs(1, 2, 1) == set()
+    early = {"epoch": 1, "training_iteration": 1, "trial_status": "running"}
+    assert trial_status(early, 8, rungs={2, 6}, budget_hit=True) == "stopped by time budget at epoch 1"
+    assert trial_status({**early, "epoch": 2, "training_iteration": 2}, 8, rungs={2, 6}) == "stopped by ASHA at epoch 2"
