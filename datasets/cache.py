@@ -107,7 +107,8 @@ def open_cache(path: str | os.PathLike) -> PatchCache:
     return PatchCache(path, images, ids, labels, split, groups, meta["fingerprint"], meta.get("source", {}))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (temp files carry their writer's pid, so stale ones can be told apart)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -124,7 +125,7 @@ def _remove_stale_builds(root: Path) -> None:
             pid = int(tmp.name.rsplit("-", 1)[1])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

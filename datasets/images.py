@@ -28,16 +28,16 @@ def read_patch(path: str | os.PathLike) -> np.ndarray:
             im.load()
             if im.size != (SIZE, SIZE):
                 raise DataError(f"{path}: image is {im.size[0]}x{im.size[1]} px, expected 96x96 PCam patches; "
-                                f"crop/resize it to 96x96 or remove it from the dataset")
+                                f"crop/resize it to 96x96 or leave it out")
             if im.mode not in _RGB_CONVERTIBLE:
                 raise DataError(f"{path}: image mode {im.mode!r} cannot be converted to RGB; "
-                                f"save it as 8-bit RGB or remove it from the dataset")
+                                f"save it as 8-bit RGB or leave it out")
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
-        raise DataError(f"{path}: image file is missing; restore it or remove its row from the labels csv") from None
+        raise DataError(f"{path}: image file is missing; restore it or leave it out (remove its csv row)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable or corrupt image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
-                        f"re-download it or remove its row from the labels csv") from None
+                        f"re-download it or leave it out (remove its csv row)") from None
     return arr
 
 

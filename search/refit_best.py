@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.cache import pid_alive
 from datasets.errors import DataError, UserError, run_cli
 from search import submission as sub
 from search.run import results_root
@@ -375,7 +376,7 @@ def close_killed_refits(mlf, exp_id: str) -> None:
     runs = mlf.search_runs([exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'refit' and attributes.status = 'RUNNING'")
     for r in runs:
         pid = r.data.tags.get(PID_TAG, "")
-        if not (pid.isdigit() and sub._pid_alive(int(pid))):
+        if not (pid.isdigit() and pid_alive(int(pid))):
             mlf.set_terminated(r.info.run_id, status="KILLED")
 
 

@@ -14,6 +14,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from datasets.cache import pid_alive
 from datasets.errors import DataError, UserError
 
 TMP_MARK = ".tmp-"  # temporary files are "<dir>/.<final name>.tmp-<pid>"; see atomic_path()
@@ -34,21 +35,11 @@ def clean_stale_tmp(final: Path) -> list[Path]:
     removed = []
     for tmp in final.parent.glob(f".{final.name}{TMP_MARK}*"):
         pid = tmp.name.rsplit(TMP_MARK, 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def read_id_csv(path: Path, what: str, need_label: bool = False) -> pd.DataFrame:
