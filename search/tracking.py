@@ -44,10 +44,19 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def artifact_location(tracking_uri: str, name: str) -> str | None:
+    """A sqlite store keeps its artifacts beside it (``<dir>/mlartifacts/<name>``); MLflow's default would be
+    ``./mlruns`` of whatever folder the command happened to run from."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / name).resolve().as_uri()
+    return None
+
+
 def experiment_id(mlf, name: str) -> str:
     exp = mlf.get_experiment_by_name(name)
     if exp is None:
-        return mlf.create_experiment(name)
+        return mlf.create_experiment(name, artifact_location=artifact_location(mlf.tracking_uri, name))
     if exp.lifecycle_stage == "deleted":
         mlf.restore_experiment(exp.experiment_id)  # the user re-runs a name they deleted in the UI
     return exp.experiment_id
