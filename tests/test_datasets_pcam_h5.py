@@ -58,3 +58,10 @@ def test_pcam_h5_wrong_shape(tmp_path):
         f.create_dataset("x", data=np.zeros((4, 64, 64, 3), np.uint8))
     with pytest.raises(DataError, match=r"expected uint8 \(N, 96, 96, 3\)"):
         prepare_dataset(data, tmp_path / "c", progress=False)
+
+
+def test_pcam_h5_without_h5py_says_how_to_install(tmp_path, monkeypatch):
+    data = write_pcam(tmp_path / "pcam", sizes={"train": 4})
+    monkeypatch.setitem(__import__("sys").modules, "h5py", None)  # makes `import h5py` fail
+    with pytest.raises(DataError, match=r"needs h5py: pip install 'pcam-tune\[h5\]'"):
+        prepare_dataset(data, tmp_path / "c", progress=False)
