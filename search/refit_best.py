@@ -301,30 +301,15 @@ def report_test_auc(labels, probs, labels_from, run, out_dir: Path) -> float | N
         return None
     auc = float(roc_auc_score(labels, probs))
     print(f"test AUC {auc:.4f} on {len(labels):,} patches (labels from {labels_from})")
-    fig = roc_figure(labels, probs, auc)
+    from search.report import roc_figure
+
+    fig = roc_figure(labels, probs, "refit", "Test ROC")
     fig.savefig(out_dir / "test_roc_curve.png", dpi=100)
     if run is not None:
         import mlflow
         mlflow.log_metric("test_auc", auc)
         mlflow.log_figure(fig, "test_roc_curve.png")
     return auc
-
-
-def roc_figure(labels, probs, auc: float):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, _ = roc_curve(labels, probs)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(fpr, tpr, label=f"refit, AUC {auc:.4f}")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Test ROC")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -349,6 +334,9 @@ class tracking_run:
 
         # The search's store unless told otherwise: the refit run sits beside the trials it came from.
         uri = self.args.tracking_uri or self.best.get("tracking_uri") or default_tracking_uri(results_root(self.args))
+        # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI: put the caller's back on exit, so a later
+        # search in the same process (a notebook, the tests) does not silently log into this store.
+        self._caller_uri = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)
         exp_id = experiment_id(client(uri), self.best.get("mlflow_experiment") or self.best["name"])
         close_killed_refits(client(uri), exp_id)
@@ -368,6 +356,7 @@ class tracking_run:
         if self.run is not None:
             import mlflow
             mlflow.end_run("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
+            mlflow.set_tracking_uri(self._caller_uri)
         return False
 
 

@@ -19,3 +19,14 @@ def pcam_sample_dir() -> Path:
     if not (PCAM_SAMPLE / "train_labels.csv").is_file():
         pytest.skip(f"real PCam sample not found at {PCAM_SAMPLE} (set PCAM_SAMPLE_DIR, or run in the dev/CI checkout with ../shared)")
     return PCAM_SAMPLE
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI; keep one test's store from leaking into the next."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)
