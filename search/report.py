@@ -176,27 +176,33 @@ def write_json(path: Path, record: dict) -> None:
     tmp.replace(path)  # atomic: refit_best never reads half a file
 
 
+def roc_figure(labels, probs, label: str, title: str):
+    """A ROC curve figure (closed, ready to save or log); shared by the search's and the refit's reports."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fpr, tpr, _ = roc_curve(labels, probs)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(labels, probs):.4f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
 def plot_roc(best: TrialSummary, out: Path) -> Path | None:
     """ROC curve of the best trial from its best checkpoint's val_predictions.npz."""
     if not best.checkpoint_path or not (Path(best.checkpoint_path) / "val_predictions.npz").is_file():
         return None
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    plt = _pyplot()
     with np.load(Path(best.checkpoint_path) / "val_predictions.npz") as f:
         labels, probs = f["labels"], f["probs"]
     if len(np.unique(labels)) < 2:
         return None
-    fpr, tpr, _ = roc_curve(labels, probs)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot(fpr, tpr, label=f"{best.trial_id} (AUC {roc_auc_score(labels, probs):.4f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate",
-           title=f"Best trial ROC, epoch {best.best_epoch} ({best.config.get('backbone')})")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
+    fig = roc_figure(labels, probs, best.trial_id,
+                     f"Best trial ROC, epoch {best.best_epoch} ({best.config.get('backbone')})")
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 
