@@ -17,11 +17,12 @@ from search import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "resume-test"
-NUM_SAMPLES = 4
+NUM_SAMPLES = 6  # enough that the search cannot end between two polls on a fast machine
 
 
 def start_search(tmp_path, *extra, log="first.log"):
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}  # the live table must reach the log while the search runs
     args = [sys.executable, "-m", "search.run", "--name", NAME, "--results-dir", str(tmp_path / "results"),
             "--cache-dir", str(tmp_path / "cache"), "--cpus-per-trial", "1", "--max-concurrent", "1", *extra]
     # Own session: SIGKILL then takes the driver and every Ray process it started, like a crashed machine.
