@@ -185,7 +185,8 @@ def refit(args) -> dict:
                    "epochs": config["epochs"], "seed": config["seed"], "tta": not args.no_tta,
                    "n_train": int(n_train),
                    "model": str(out_dir / "model.pt"), "submission": None, "test_auc": None,
-                   "test_labels": labels_from, "mlflow_run_id": run.info.run_id if run else None}
+                   "test_labels": labels_from, "mlflow_run_id": run.info.run_id if run else None,
+                   "mlflow_tracking_uri": mlflow_uri() if run else None}
         write_outputs(out_dir, model, config, ids, probs, summary)
         if test_labels is not None:
             summary["test_auc"] = report_test_auc(test_labels, probs, labels_from, run, out_dir)
@@ -193,6 +194,13 @@ def refit(args) -> dict:
             log_outputs(best, model, config, cache, test_idx if ids is not None else train_idx, summary)
         write_json_atomic(out_dir / "refit.json", summary)
     return summary
+
+
+def mlflow_uri() -> str:
+    """The store the refit's run is in (read while the run is open: tracking_run restores the caller's on exit)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 def refit_config(best: dict, args) -> dict:
@@ -441,11 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = refit(args)
     print(f"refit done in {time.perf_counter() - t0:.0f}s")
     if summary.get("mlflow_run_id"):
-        import mlflow
         from search.tracking import ui_command
 
         print(f"registered model pcam-{summary['name']} version {summary.get('registered_version')}; "
-              f"MLflow UI: {ui_command(mlflow.get_tracking_uri())}")
+              f"MLflow UI: {ui_command(summary['mlflow_tracking_uri'])}")
     return 0
 
 

@@ -75,6 +75,15 @@ def refitted(tiny):
             "summary": json.loads((out / "refit.json").read_text())}
 
 
+def test_refit_reports_the_search_store_not_the_process_default(refitted):
+    # the printed `mlflow ui` command is built from this; it must be the search's store even though the
+    # refit hands the process' own tracking URI back when its run ends
+    assert refitted["summary"]["mlflow_tracking_uri"] == refitted["uri"]
+    import mlflow
+
+    assert mlflow.get_tracking_uri() != refitted["uri"]
+
+
 def test_submission_matches_sample_submission(refitted):
     sample = pd.read_csv(refitted["data_dir"] / "sample_submission.csv", dtype={"id": str})
     got = pd.read_csv(refitted["submission"], dtype={"id": str})
