@@ -27,6 +27,7 @@ import numpy as np
 from datasets.cache import pid_alive
 from datasets.errors import DataError, UserError, run_cli
 from search import submission as sub
+from search.report import write_json
 from search.run import results_root
 
 ROLE_TAG = "pcam_tune.role"  # as search.tracking's parent/trial runs; "refit" marks ours
@@ -192,7 +193,7 @@ def refit(args) -> dict:
             summary["test_auc"] = report_test_auc(test_labels, probs, labels_from, run, out_dir)
         if run is not None:
             log_outputs(best, model, config, cache, test_idx if ids is not None else train_idx, summary)
-        write_json_atomic(out_dir / "refit.json", summary)
+        write_json(out_dir / "refit.json", summary)
     return summary
 
 
@@ -318,12 +319,6 @@ def report_test_auc(labels, probs, labels_from, run, out_dir: Path) -> float | N
         mlflow.log_metric("test_auc", auc)
         mlflow.log_figure(fig, "test_roc_curve.png")
     return auc
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = sub.atomic_path(path)
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- MLflow

@@ -171,9 +171,12 @@ def _jsonable(config: dict) -> dict:
 
 
 def write_json(path: Path, record: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+    """Atomic: readers (refit_best, a resume) never see half a file; a killed writer's temp is pid-marked."""
+    from search.submission import atomic_path
+
+    tmp = atomic_path(path)
     tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)  # atomic: refit_best never reads half a file
+    tmp.replace(path)
 
 
 def roc_figure(labels, probs, label: str, title: str):
