@@ -129,7 +129,8 @@ def _remove_stale_builds(root: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk before it is renamed into place."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -163,7 +164,7 @@ def build_cache(src: Source, final: Path, progress: bool = True) -> PatchCache:
                 "built_seconds": round(time.perf_counter() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / META).write_text(json.dumps(meta, indent=1))
         for f in (IMAGES, INDEX, META):
-            _fsync(tmp / f)
+            fsync_file(tmp / f)
         try:
             os.rename(tmp, final)
         except OSError:  # another process completed the same cache first; theirs is identical

@@ -14,7 +14,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from datasets.cache import pid_alive
+from datasets.cache import fsync_file, pid_alive
 from datasets.errors import DataError, UserError
 
 TMP_MARK = ".tmp-"  # temporary files are "<dir>/.<final name>.tmp-<pid>"; see atomic_path()
@@ -115,14 +115,10 @@ def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, expected_id
     try:
         # %.6g keeps the ranking (6 significant digits) at a third of repr()'s file size.
         df.to_csv(tmp, index=False, float_format="%.6g")
-        _fsync(tmp)
+        fsync_file(tmp)
         check_submission(read_id_csv(tmp, "submission"), expected, where=f"submission {tmp}")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
