@@ -282,20 +282,23 @@ def _space_names():
 
 
 def check_weights(space, backbones, opts) -> None:
-    """Fail before Ray starts when a pretrained backbone of the space has no weights in the cache."""
+    """Before Ray starts: download the missing pretrained weights of the space's backbones once, here in the
+    driver (trials then find them in the cache), and stop with the ways out when a download fails."""
     needed = pretrained_backbones_used(space, backbones, opts)
     if not needed:
         return
-    from trainables.weights import missing_weights
+    from trainables.weights import MIRROR_ENV, download_error, download_missing
 
-    missing = missing_weights(needed)
+    missing = download_missing(needed, progress=True)
     if not missing:
         return
-    files = "; ".join(f"{b}: {f} (expected at {p})" for b, f, p in missing)
+    files = "; ".join(f"{b}: {f} (expected at {p})" for b, f, p, _ in missing)
     have = [b for b in backbones if b not in {m[0] for m in missing}]
     raise UserError(
-        f"pretrained weights missing for {len(missing)} backbone(s): {files}. Ways out: "
-        f"(1) import a downloaded file: python -m trainables.weights import FILE --backbone NAME; "
+        f"pretrained weights missing for {len(missing)} backbone(s) and the download failed "
+        f"({download_error(missing[0][3])}): {files}. Ways out: "
+        f"(1) import a downloaded file: python -m trainables.weights import FILE --backbone NAME "
+        f"(or set ${MIRROR_ENV} to a mirror of torchvision's weight files); "
         f"(2) restrict the search: --backbones {','.join(have) or 'baseline_bn'}; "
         f"(3) train from scratch: --no-pretrained")
 

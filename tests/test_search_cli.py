@@ -46,10 +46,15 @@ def test_bad_options_fail_in_one_line(args, fragments, tmp_path):
 
 
 def test_missing_pretrained_weights_are_listed_with_the_ways_out(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: the download fails at once, as offline
+        s.bind(("127.0.0.1", 0))
+        mirror = f"http://127.0.0.1:{s.getsockname()[1]}/models"
     proc = run_cli(["--space", "backbones", "--backbones", "baseline_bn,resnet18,mobilenet_v2"], tmp_path,
-                   TORCH_HOME=str(tmp_path / "torch"))
+                   TORCH_HOME=str(tmp_path / "torch"), PCAM_TUNE_WEIGHTS_URL=mirror)
     assert_one_line_error(proc, "resnet18-", "mobilenet_v2-", "python -m trainables.weights import",
-                          "--backbones baseline_bn", "--no-pretrained")
+                          "--backbones baseline_bn", "--no-pretrained", "download failed (URLError")
 
 
 def test_bad_data_dir_fails_before_ray(tmp_path):

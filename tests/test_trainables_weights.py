@@ -95,3 +95,112 @@ def test_cli_import_offline_then_list(tmp_path, monkeypatch, capsys):
     assert rows["resnet18"].split()[1:] == ["resnet18-f37072fd.pth", "missing"]
     assert weights.main(["import", str(tmp_path / "none.pth"), "--backbone", "resnet18"]) == 2
     assert capsys.readouterr().err.startswith("error: weights file")
+
+
+# --- Downloading missing weights (the search's pre-flight), tested against a real HTTP server on 127.0.0.1 ---
+
+class _Mirror:
+    """A folder served over HTTP on 127.0.0.1, counting the GET requests it answers."""
+
+    def __init__(self, folder: Path):
+        import functools
+        import http.server
+        import threading
+
+        mirror = self
+        self.requests: list[str] = []
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self):
+                mirror.requests.append(self.path)
+                super().do_GET()
+
+            def log_message(self, *args):  # keep the test output clean
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                      functools.partial(Handler, directory=str(folder)))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/models"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def mirror(tmp_path, monkeypatch):
+    """Serve `<folder>/models/<file>` and point $PCAM_TUNE_WEIGHTS_URL at it; TORCH_HOME is a temporary folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    served = tmp_path / "served"
+    (served / "models").mkdir(parents=True)
+    m = _Mirror(served)
+    monkeypatch.setenv(weights.MIRROR_ENV, m.url)
+    m.folder = served / "models"
+    yield m
+    m.close()
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens, connect is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/models"
+
+
+def test_missing_weights_are_downloaded_once_with_the_hash_checked(mirror, capsys):
+    src = _offline_file()
+    (mirror.folder / src.name).symlink_to(src)
+    assert weights.download_missing(["baseline_bn", "mobilenet_v2"], progress=False) == []
+    dest = weights.checkpoint_dir() / "mobilenet_v2-b0353104.pth"
+    assert dest.read_bytes() == src.read_bytes()
+    assert mirror.requests == ["/models/mobilenet_v2-b0353104.pth"]
+    assert f"{mirror.url}/mobilenet_v2-b0353104.pth" in capsys.readouterr().out
+    assert weights.download_missing(["mobilenet_v2"], progress=False) == []  # cached now: no second request
+    assert len(mirror.requests) == 1
+    model = build_model("mobilenet_v2", pretrained=True, unfreeze_depth=0)
+    ref = torch.load(src, map_location="cpu", weights_only=True)["features.0.0.weight"]
+    assert torch.equal(model.net.features[0][0].weight, ref)
+
+
+def test_a_corrupt_download_fails_the_hash_check_and_leaves_nothing(mirror):
+    data = bytearray(_offline_file().read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
+    (mirror.folder / "mobilenet_v2-b0353104.pth").write_bytes(bytes(data))
+    [(name, filename, path, err)] = weights.download_missing(["mobilenet_v2"], progress=False)
+    assert (name, filename) == ("mobilenet_v2", "mobilenet_v2-b0353104.pth")
+    assert "invalid hash value" in weights.download_error(err)
+    assert list(weights.checkpoint_dir().iterdir()) == []  # neither the file nor a .partial left behind
+    with pytest.raises(UserError, match="downloading it failed .RuntimeError: invalid hash value"):
+        build_model("mobilenet_v2", pretrained=True)  # a trial's own download checks the hash the same way
+
+
+def test_search_preflight_downloads_then_explains_an_offline_failure(mirror, monkeypatch):
+    from search.run import check_weights
+    from search.spaces import SpaceOptions, get_space, resolve_backbones
+
+    src = _offline_file()
+    (mirror.folder / src.name).symlink_to(src)
+    space, opts = get_space("backbones"), SpaceOptions(backbones=("baseline_bn", "mobilenet_v2", "resnet18"))
+    backbones = resolve_backbones(space, opts)
+    with pytest.raises(UserError) as e:  # the mirror has mobilenet_v2 only: resnet18's download fails (404)
+        check_weights(space, backbones, opts)
+    msg = str(e.value)
+    assert "\n" not in msg and "1 backbone(s)" in msg and "HTTPError 404" in msg
+    assert "resnet18-f37072fd.pth" in msg and str(weights.checkpoint_dir()) in msg
+    assert "--backbones baseline_bn,mobilenet_v2" in msg and "--no-pretrained" in msg
+    assert weights.missing_weights(["mobilenet_v2"]) == []  # what could be downloaded was
+    opts = SpaceOptions(backbones=("baseline_bn", "mobilenet_v2"))
+    check_weights(space, resolve_backbones(space, opts), opts)  # nothing missing now: passes, no request
+    assert mirror.requests == ["/models/mobilenet_v2-b0353104.pth", "/models/resnet18-f37072fd.pth"]
+
+    (weights.checkpoint_dir() / src.name).unlink()
+    monkeypatch.setenv(weights.MIRROR_ENV, _closed_port_url())  # offline: the connection is refused
+    with pytest.raises(UserError) as e:
+        check_weights(space, resolve_backbones(space, opts), opts)
+    msg = str(e.value)
+    assert "\n" not in msg and "URLError" in msg and "mobilenet_v2-b0353104.pth" in msg
+    assert "python -m trainables.weights import FILE --backbone NAME" in msg

