@@ -47,6 +47,17 @@ def group_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float, see
     return np.setdiff1d(np.arange(len(labels)), val), val
 
 
+def validation_kind(cache) -> str:
+    """How train_val_split validates this cache: 'slide' (the official slide-disjoint PCam split, or by the
+    slide map) or 'patch' (random patches: neighbours of one slide on both sides, so val AUC is optimistic)."""
+    return "slide" if len(cache.indices("valid")) or cache.groups is not None else "patch"
+
+
+PATCH_WARNING = ("warning: validation is by patch (no slide map): neighbouring patches of one slide land on both "
+                 "sides, so val AUC is optimistic and the search favours configs that memorise; pass --slide-map CSV "
+                 "(id,slide; python -m datasets.slide_map recovers it from the PCam release)")
+
+
 def train_val_split(cache, val_fraction: float = 0.2, seed: int = 0, use_groups: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (into cache.images) of training and validation patches.
 
