@@ -1,7 +1,8 @@
-"""End-of-search outputs: trial status wording, the leaderboard, best_config.json and the PNG pictures.
+"""End-of-search outputs: trial summaries, the leaderboard, best_config.json and the PNG pictures.
 
-Shared by the CLI (search.run) and the MLflow callback (search.tracking) so a trial's status reads the
-same in the leaderboard and in its MLflow child run.
+Each trial's status is its `search.outcome.Outcome`, the same one its MLflow child run and the TPE feedback get.
+The leaderboard ranks by the search's objective (best val AUC up to the epoch a trial reached; search.outcome);
+trials without a trustworthy objective (diverged, errored) rank last.
 """
 from __future__ import annotations
 
@@ -13,48 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from search.outcome import OBJECTIVE, Outcome, decide
+
 TOP_K = 10
 # Per-epoch metrics the trainable reports (docs/architecture.md); logged to MLflow and plotted.
 EPOCH_METRICS = ("val_auc", "val_loss", "val_acc", "train_loss", "lr", "epoch_seconds", "images_per_s")
-
-
-def error_line(error) -> str:
-    """The one informative line of a (Ray-wrapped) exception: its last non-empty line, e.g. 'ValueError: boom'."""
-    if error is None:
-        return ""
-    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:500]
-
-
-def asha_rungs(grace_period: int, reduction_factor: float, max_epochs: int) -> set[int]:
-    """The epochs at which ASHA can stop a trial (Ray's milestones: grace * rf^k below max_t)."""
-    rungs, t = set(), float(grace_period)
-    while t < max_epochs:
-        rungs.add(int(t))
-        t *= reduction_factor
-    return rungs
-
-
-def trial_status(last: dict | None, max_epochs: int, *, error=None, finished: bool = True,
-                 budget_hit: bool = False, interrupted: bool = False, rungs: set[int] | None = None) -> str:
-    """completed | stopped by ASHA at epoch k | diverged at epoch k | errored: <error> | for trials the search
-    left unfinished: interrupted at epoch k | stopped by time budget at epoch k | pending."""
-    if error is not None:
-        return f"errored: {error_line(error)}"
-    epoch = int((last or {}).get("epoch", (last or {}).get("training_iteration", 0)))
-    if last and last.get("trial_status") == "diverged":
-        return f"diverged at epoch {epoch}"
-    if last and (last.get("trial_status") == "completed" or last.get("training_iteration", 0) >= max_epochs):
-        return "completed"
-    if not finished:  # the search ended around it: resumable with --resume
-        if interrupted or not budget_hit:
-            return f"interrupted at epoch {epoch}" if last else "pending"
-        return f"stopped by time budget at epoch {epoch}"
-    if not last:
-        return "ended without reporting"
-    if rungs is not None and epoch not in rungs:  # ASHA only stops at its rungs: the search's end cut it
-        return f"stopped by time budget at epoch {epoch}" if budget_hit else f"stopped at epoch {epoch}"
-    return f"stopped by {'time budget' if budget_hit else 'ASHA'} at epoch {epoch}"
 
 
 def unfinished_trials(experiment_path: str) -> set[str]:
@@ -73,14 +37,22 @@ def unfinished_trials(experiment_path: str) -> set[str]:
 class TrialSummary:
     trial_id: str
     config: dict
-    status: str
+    outcome: Outcome
     best_val_auc: float
     best_epoch: int
     epochs_run: int
     history: pd.DataFrame  # one row per reported epoch
     checkpoint_path: str | None  # checkpoint of the best epoch (kept by CheckpointConfig)
-    error: str = ""
+    last_result: dict | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return self.outcome.label
+
+    @property
+    def error(self) -> str:
+        return self.outcome.error
 
 
 def _best_checkpoint_path(result, best_epoch: int) -> str | None:
@@ -95,9 +67,11 @@ def _best_checkpoint_path(result, best_epoch: int) -> str | None:
 
 
 def summarize(result_grid, max_epochs: int, budget_hit: bool = False, interrupted: bool = False,
-              unfinished: set[str] | None = None, rungs: set[int] | None = None) -> list[TrialSummary]:
+              unfinished: set[str] | None = None) -> list[TrialSummary]:
     """One summary per trial, best first. Trials that never reported rank last with AUC NaN."""
     from ray.tune.experiment import Trial
+
+    from trainables.train import best_of
 
     # The ResultGrid builds its results in the order of the analysis' trials; the Trial objects add the
     # trial state (finished or not), which a Result alone does not carry.
@@ -109,20 +83,26 @@ def summarize(result_grid, max_epochs: int, budget_hit: bool = False, interrupte
             hist = pd.DataFrame(columns=["epoch", *EPOCH_METRICS])
         hist = hist.dropna(subset=["val_auc"]).drop_duplicates("training_iteration", keep="last") \
             if "training_iteration" in hist.columns else hist
-        if len(hist):
-            i = int(np.nanargmax(hist["val_auc"].to_numpy(dtype=float)))
-            best_auc, best_epoch = float(hist["val_auc"].iloc[i]), int(hist["epoch"].iloc[i])
+        last = trial.last_result or None
+        if last and OBJECTIVE in last:  # the objective as the trial reported it, i.e. as TPE and ASHA saw it
+            best_auc, best_epoch = float(last[OBJECTIVE]), int(last.get("best_epoch", 0))
         else:
-            best_auc, best_epoch = math.nan, 0
+            best_auc, best_epoch = best_of(hist.to_dict("records"))
         finished = trial.status in (Trial.TERMINATED, Trial.ERROR) and trial.trial_id not in (unfinished or ())
-        status = trial_status(trial.last_result or None, max_epochs, error=result.error, finished=finished,
-                              budget_hit=budget_hit, interrupted=interrupted, rungs=rungs)
+        outcome = decide(last, max_epochs, error=result.error, finished=finished, budget_hit=budget_hit,
+                         interrupted=interrupted)
         out.append(TrialSummary(
-            trial_id=trial.trial_id, config=dict(trial.config), status=status, best_val_auc=best_auc,
+            trial_id=trial.trial_id, config=dict(trial.config), outcome=outcome, best_val_auc=best_auc,
             best_epoch=best_epoch, epochs_run=int(hist["epoch"].max()) if len(hist) else 0, history=hist,
-            checkpoint_path=_best_checkpoint_path(result, best_epoch), error=error_line(result.error)))
-    out.sort(key=lambda s: (-s.best_val_auc if not math.isnan(s.best_val_auc) else math.inf))
+            checkpoint_path=_best_checkpoint_path(result, best_epoch) if best_epoch else None, last_result=last))
+    out.sort(key=rank_key)
     return out
+
+
+def rank_key(s: TrialSummary):
+    """Trustworthy objectives first, best first; then the rest (diverged, errored, never reported)."""
+    usable = s.outcome.ranked and not math.isnan(s.best_val_auc)
+    return (0, -s.best_val_auc) if usable else (1, -s.best_val_auc if not math.isnan(s.best_val_auc) else math.inf)
 
 
 def searched_keys(summaries: list[TrialSummary]) -> list[str]:
@@ -137,7 +117,7 @@ def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
     for rank, s in enumerate(summaries, 1):
         row = {"rank": rank, "trial_id": s.trial_id, "best_val_auc": round(s.best_val_auc, 4),
                "best_epoch": s.best_epoch, "epochs_run": s.epochs_run, "status": s.status,
-               "backbone": s.config.get("backbone")}
+               "stopped_at_rung": s.outcome.rung, "backbone": s.config.get("backbone")}
         for k in keys:
             v = s.config.get(k)
             row[k] = float(f"{v:.4g}") if isinstance(v, float) else v
@@ -156,10 +136,12 @@ def best_config_record(best: TrialSummary, **context) -> dict:
     """The best_config.json record (schema in docs/architecture.md; search.refit_best reads it)."""
     return {
         "name": context["name"], "space": context["space"], "config": _jsonable(best.config),
-        "trial_id": best.trial_id, "best_val_auc": best.best_val_auc, "best_epoch": best.best_epoch,
+        "trial_id": best.trial_id, "objective": OBJECTIVE, "best_val_auc": best.best_val_auc,
+        "best_epoch": best.best_epoch,
         "epochs_run": best.epochs_run, "status": best.status,
         "experiment_path": context["experiment_path"], "checkpoint_path": best.checkpoint_path,
-        "data_dir": context["data_dir"], "cache_path": context["cache_path"],
+        "data_dir": context["data_dir"], "slide_map": context.get("slide_map"),
+        "validation": context.get("validation"), "cache_path": context["cache_path"],
         "data_fingerprint": context["data_fingerprint"], "tracking_uri": context["tracking_uri"],
         "mlflow_experiment": context["name"], "parent_run_id": context["parent_run_id"],
         "child_run_id": context.get("child_run_id"),

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets.errors import UserError, run_cli
-from search import report, tracking
+from search import report, searcher, tracking
+from search.outcome import MODE, OBJECTIVE
 from search.spaces import SpaceOptions, define_by_run, get_space, list_spaces, pretrained_backbones_used, \
     resolve_backbones
 
-METRIC, MODE = "val_auc", "max"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -57,6 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", help="named search space (see --list-spaces)")
     p.add_argument("--list-spaces", action="store_true", help="list the search spaces and exit")
     p.add_argument("--data-dir", help="Kaggle folder or PCam HDF5 folder (default: the embedded synthetic data)")
+    p.add_argument("--slide-map", help="csv id,slide: validate by whole-slide image, not by patch (default: "
+                   "DATA_DIR/slide_map.csv if present; python -m datasets.slide_map builds one)")
     p.add_argument("--num-samples", type=int, help="number of trials (default: per space)")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops (default: per space)")
     p.add_argument("--time-budget", help="stop the search after this long: seconds, or 30m, 2h, 1h30m")
@@ -72,6 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "multi-node cluster use shared storage (NFS path) or an object store URI (s3://, gs://)")
     p.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else "
                    "sqlite:///<results>/mlflow.db)")
+    p.add_argument("--study-storage", help="Optuna storage of the TPE study, named after the search (default "
+                   "sqlite:///<results>/optuna.db; view it live with optuna-dashboard)")
     p.add_argument("--seed", type=int, help="seed of the TPE sampler and of the trials (default 0)")
     p.add_argument("--backbones", help="comma-separated backbones to choose from (backbones/baseline spaces)")
     p.add_argument("--backbone", help="the backbone to fine-tune (finetune space)")
@@ -79,7 +83,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.set_defaults(pretrained=None)
     p.add_argument("--grace-period", type=int, help="ASHA: epochs every trial gets before it can be stopped")
     p.add_argument("--reduction-factor", type=float, help="ASHA: keep the top 1/this at each rung")
-    p.add_argument("--no-pruned-feedback", action="store_true", help=argparse.SUPPRESS)  # for search.bench
+    p.add_argument("--stock-feedback", action="store_true", help=argparse.SUPPRESS)  # Ray's OptunaSearch (bench)
     p.add_argument("--results-dir", help="results root (default $PCAM_TUNE_RESULTS, else ./results)")
     p.add_argument("--cache-dir", help="decode-once cache root (default $PCAM_TUNE_CACHE, else ~/.cache/pcam-tune)")
     p.add_argument("--top-k", type=int, default=report.TOP_K, help="leaderboard rows printed (default 10)")
@@ -108,6 +112,7 @@ class Plan:
     experiment_path: str
     resume: bool
     tracking_uri: str
+    study_storage: str
     interrupted: bool = False  # a Ctrl-C ended the search (exit code 130)
     unfinished: int = 0  # trials left for --resume (Ctrl-C or time budget)
 
@@ -176,7 +181,8 @@ SETTINGS_FILE = "search.json"
 # Settings a resumed search takes from its first run (the Ray state already holds the searcher, scheduler and
 # trial configs built from them); CLI values for these are ignored on resume.
 RESUMED_SETTINGS = ("space", "backbones", "pretrained", "backbone", "num_samples", "max_epochs", "grace_period",
-                    "reduction_factor", "time_budget", "seed", "data_dir", "tracking_uri", "max_concurrent")
+                    "reduction_factor", "time_budget", "seed", "data_dir", "slide_map", "tracking_uri", "max_concurrent",
+                    "study_storage")
 
 
 def _load_settings(results: Path, name: str) -> dict | None:
@@ -186,13 +192,13 @@ def _load_settings(results: Path, name: str) -> dict | None:
 
 def _apply_saved_settings(args, saved: dict) -> None:
     """Resume with the settings the search started with; a different --space or --data-dir is an error."""
-    for key, option in (("space", "--space"), ("data_dir", "--data-dir")):
+    for key, option in (("space", "--space"), ("data_dir", "--data-dir"), ("slide_map", "--slide-map")):
         given = getattr(args, key)
         if given is not None and saved.get(key) is not None and \
-                (Path(given).resolve() != Path(saved[key]) if key == "data_dir" else given != saved[key]):
+                (Path(given).resolve() != Path(saved[key]) if key != "space" else given != saved[key]):
             raise UserError(f"search {args.name!r} was started with {option} {saved[key]}; resume it with that "
                             f"(or drop {option}), or start a new search with another --name")
-    ignored = [k for k in RESUMED_SETTINGS if k not in ("space", "data_dir") and getattr(args, k) is not None
+    ignored = [k for k in RESUMED_SETTINGS if k not in ("space", "data_dir", "slide_map") and getattr(args, k) is not None
                and getattr(args, k) not in (False, saved.get(k))]
     if ignored:
         print(f"note: resuming {args.name!r} with its original settings; ignoring "
@@ -259,7 +265,8 @@ def make_plan(argv=None) -> Plan | None:
                 reduction_factor=args.reduction_factor or space.reduction_factor, time_budget_s=time_budget_s,
                 cpus_per_trial=cpt, gpus_per_trial=gpt, max_concurrent=conc, name=name, results_dir=results,
                 storage_path=storage, experiment_path=f"{storage.rstrip('/')}/{name}", resume=resume,
-                tracking_uri=tracking.default_tracking_uri(results, args.tracking_uri))
+                tracking_uri=tracking.default_tracking_uri(results, args.tracking_uri),
+                study_storage=args.study_storage or searcher.study_storage_url(results))
 
 
 def save_settings(plan: Plan, data_fingerprint: str) -> None:
@@ -269,7 +276,9 @@ def save_settings(plan: Plan, data_fingerprint: str) -> None:
                 "max_epochs": plan.max_epochs, "grace_period": plan.grace_period,
                 "reduction_factor": plan.reduction_factor, "time_budget": a.time_budget, "seed": a.seed,
                 "data_dir": str(Path(a.data_dir).resolve()) if a.data_dir else None,
+                "slide_map": str(Path(a.slide_map).resolve()) if a.slide_map else None,
                 "data_fingerprint": data_fingerprint, "tracking_uri": plan.tracking_uri,
+                "study_storage": plan.study_storage,
                 "max_concurrent": plan.max_concurrent,  # fixed in the restored TuneConfig
                 "experiment_path": plan.experiment_path}
     report.write_json(plan.results_dir / plan.name / SETTINGS_FILE, settings)
@@ -303,14 +312,12 @@ def check_weights(space, backbones, opts) -> None:
         f"(3) train from scratch: --no-pretrained")
 
 
-def build_tuner(plan: Plan, trainable, parent_run_id: str, pruned_feedback: bool = True):
+def build_tuner(plan: Plan, trainable, parent_run_id: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from search.searcher import make_searcher
-
-    callback = tracking.MlflowTrialCallback(plan.tracking_uri, plan.name, parent_run_id, plan.max_epochs,
-                                            plan.time_budget_s)
+    callbacks = [searcher.SchedulerStopMarker(plan.max_epochs),  # first: the others read its mark
+                 tracking.MlflowTrialCallback(plan.tracking_uri, plan.name, parent_run_id, plan.max_epochs)]
     if plan.resume:
         # Searcher (TPE study), scheduler (ASHA rungs), trials and the callback come back from the experiment
         # state; finished trials are not re-run, unfinished ones continue from their latest checkpoint.
@@ -321,19 +328,25 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str, pruned_feedback: bool
         if run_config is not None:
             run_config.progress_reporter = make_reporter(plan)
         return tuner
-    searcher = make_searcher(define_by_run(plan.space, plan.backbones, plan.opts), seed=plan.args.seed,
-                             num_samples=plan.num_samples, max_t=plan.max_epochs, metric=METRIC, mode=MODE,
-                             pruned_feedback=pruned_feedback)
+    if searcher.study_exists(plan.study_storage, plan.name):
+        raise UserError(f"an Optuna study named {plan.name!r} already exists in {plan.study_storage} but its Ray "
+                        f"experiment {plan.experiment_path} is gone; start with another --name, or delete the study: "
+                        f"optuna delete-study --storage {plan.study_storage} --study-name {plan.name}")
+    search_alg = searcher.make_searcher(
+        define_by_run(plan.space, plan.backbones, plan.opts), seed=plan.args.seed, num_samples=plan.num_samples,
+        max_t=plan.max_epochs, feedback=not plan.args.stock_feedback,
+        storage_url=plan.study_storage, study_name=plan.name)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_epochs,
                               grace_period=plan.grace_period, reduction_factor=plan.reduction_factor)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=MODE, search_alg=search_alg, scheduler=scheduler,
                                     num_samples=plan.num_samples, max_concurrent_trials=plan.max_concurrent,
                                     time_budget_s=plan.time_budget_s),
         run_config=tune.RunConfig(
-            name=plan.name, storage_path=plan.storage_path, callbacks=[callback],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
+            name=plan.name, storage_path=plan.storage_path, callbacks=callbacks,
+            # Keep the best epoch's checkpoint (the model the objective describes; Ray keeps the latest too).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_auc",
                                                     checkpoint_score_order=MODE),
             # Errors in a trial are recorded and the search goes on; on a cluster, retry a trial whose node
             # died (from its checkpoint) before calling it failed.
@@ -348,8 +361,8 @@ def make_reporter(plan: Plan):
 
     # No sort_by_metric: Ray sorts with None for trials cut before reporting and crashes.
     return tune.CLIReporter(
-        metric_columns={"epoch": "epoch", "val_auc": "val_auc", "val_loss": "val_loss", "train_loss": "train_loss",
-                        "trial_status": "status"},
+        metric_columns={"epoch": "epoch", "val_auc": "val_auc", OBJECTIVE: "best", "val_loss": "val_loss",
+                        "train_loss": "train_loss", "trial_status": "status"},
         parameter_columns=table_columns(plan), max_report_frequency=15)
 
 
@@ -406,8 +419,14 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
     """Run (or resume) the search; returns the best_config record."""
     from datasets.cache import prepare_dataset
 
-    cache = prepare_dataset(plan.args.data_dir, plan.args.cache_dir, progress=progress)  # DataError: one line
+    from datasets.splits import PATCH_WARNING, validation_kind
+
+    cache = prepare_dataset(plan.args.data_dir, plan.args.cache_dir, progress=progress,  # DataError: one line
+                            slide_map=plan.args.slide_map)
     data_dir = str(Path(plan.args.data_dir).resolve()) if plan.args.data_dir else None
+    validation = validation_kind(cache)
+    if validation == "patch":
+        print(PATCH_WARNING, file=sys.stderr, flush=True)
     saved = _load_settings(plan.results_dir, plan.name) if plan.resume else None
     if saved and saved.get("data_fingerprint") not in (None, cache.fingerprint):
         raise UserError(f"the data of search {plan.name!r} ({data_dir or 'embedded synthetic'}) changed since it "
@@ -420,8 +439,11 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
               "num_samples": plan.num_samples, "max_epochs": plan.max_epochs,
               "time_budget_s": plan.time_budget_s, "scheduler": "ASHA", "grace_period": plan.grace_period,
               "reduction_factor": plan.reduction_factor,
-              "searcher": "OptunaSearch TPE" + ("" if plan.args.no_pruned_feedback else " (pruned-aware)"),
+              "searcher": "OptunaSearch TPE" + (" (Ray's stock feedback)" if plan.args.stock_feedback
+                                                else " (outcome feedback)"),
+              "objective": f"{OBJECTIVE} (best val AUC up to the epoch reached)", "study_storage": plan.study_storage,
               "seed": plan.args.seed, "data_dir": data_dir or "embedded synthetic",
+              "slide_map": str(Path(plan.args.slide_map).resolve()) if plan.args.slide_map else None,
               "data_fingerprint": cache.fingerprint, "cache_path": str(cache.path),
               "cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial,
               "max_concurrent": plan.max_concurrent}
@@ -432,19 +454,23 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
           f"{plan.max_concurrent} at once ({plan.cpus_per_trial:g} CPU, {plan.gpus_per_trial:g} GPU each), "
           f"data {cache.source.get('kind')} {cache.fingerprint[:12]}", flush=True)
 
-    parent_run_id, _ = tracking.open_parent_run(plan.tracking_uri, plan.name, plan.experiment_path, params)
-    tuner = build_tuner(plan, make_trainable(plan, str(cache.path)), parent_run_id,
-                        pruned_feedback=not plan.args.no_pruned_feedback)
+    parent_run_id, _ = tracking.open_parent_run(plan.tracking_uri, plan.name, plan.experiment_path, params,
+                                                tags={"validation": validation})
+    tuner = build_tuner(plan, make_trainable(plan, str(cache.path)), parent_run_id)
     started = time.monotonic()
     grid, interrupted = fit_watching_ctrl_c(tuner)
     # Ray counts the budget across resumes, so a resumed search may hit it at once: any budget counts.
     budget_hit = bool(plan.time_budget_s) and (plan.resume or time.monotonic() - started >= 0.98 * plan.time_budget_s)
     unfinished = report.unfinished_trials(plan.experiment_path)
     summaries = report.summarize(grid, plan.max_epochs, budget_hit=budget_hit, interrupted=interrupted,
-                                 unfinished=unfinished,
-                                 rungs=report.asha_rungs(plan.grace_period, plan.reduction_factor, plan.max_epochs))
+                                 unfinished=unfinished)
+    # What Ray's hooks never saw (time-budget cuts, Ctrl-C), settled in MLflow and in the study from the same
+    # outcomes the leaderboard shows.
     tracking.reconcile_children(plan.tracking_uri, plan.name, parent_run_id,
-                                {s.trial_id: s.status for s in summaries}, unfinished)
+                                {s.trial_id: s.outcome for s in summaries})
+    if not plan.args.stock_feedback:
+        searcher.settle_study(plan.study_storage, plan.name,
+                              {s.trial_id: (s.outcome, s.last_result) for s in summaries}, search_over=not interrupted)
     plan.interrupted, plan.unfinished = interrupted, len(unfinished)
     return finish(plan, summaries, cache, data_dir, parent_run_id, out_dir)
 
@@ -469,13 +495,15 @@ def fit_watching_ctrl_c(tuner):
 
 
 def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path) -> dict:
+    from datasets.splits import validation_kind
+
     board = report.leaderboard(summaries)
     board_path = out_dir / "leaderboard.csv"
     board.to_csv(board_path, index=False)
     interrupted = plan.interrupted
     resume_hint = f"continue it with: python -m search.run --name {plan.name} --resume"
     print("\n" + report.format_leaderboard(board, plan.args.top_k))
-    ranked = [s for s in summaries if not math.isnan(s.best_val_auc)]
+    ranked = [s for s in summaries if s.outcome.ranked and not math.isnan(s.best_val_auc)]
     if not ranked:
         tracking.finish_parent(plan.tracking_uri, parent_run_id, metrics={"n_trials": len(summaries)},
                                tags={"outcome": "no trial reported"}, artifacts=[board_path],
@@ -489,16 +517,18 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
     child = _child_run_id(plan, parent_run_id, best.trial_id)
     record = report.best_config_record(
         best, name=plan.name, space=plan.space.name, experiment_path=plan.experiment_path, data_dir=data_dir,
+        slide_map=str(Path(plan.args.slide_map).resolve()) if plan.args.slide_map else None,
+        validation=validation_kind(cache),
         cache_path=str(cache.path), data_fingerprint=cache.fingerprint, tracking_uri=plan.tracking_uri,
         parent_run_id=parent_run_id, child_run_id=child)
     best_path = out_dir / "best_config.json"
     report.write_json(best_path, record)
     pictures = [report.plot_roc(best, out_dir / "roc_best.png"),
                 report.plot_learning_curves(summaries, out_dir / "learning_curves.png")]
-    counts = {"n_trials": len(summaries),
-              "n_completed": sum(s.status == "completed" for s in summaries),
-              "n_stopped_early": sum(s.status.startswith("stopped") for s in summaries),
-              "n_errored": sum(s.status.startswith(("errored", "diverged")) for s in summaries)}
+    kinds = [s.outcome.kind for s in summaries]
+    counts = {"n_trials": len(summaries), "n_completed": kinds.count("completed"),
+              "n_stopped_by_asha": kinds.count("stopped"), "n_cut_by_budget": kinds.count("budget"),
+              "n_diverged": kinds.count("diverged"), "n_errored": kinds.count("errored")}
     tracking.finish_parent(
         plan.tracking_uri, parent_run_id,
         metrics={"best_val_auc": best.best_val_auc, "best_epoch": best.best_epoch, **counts},

@@ -1,52 +1,164 @@
-"""Optuna TPE behind Ray Tune, told the truth about trials that ASHA stopped early.
+"""Optuna TPE behind Ray Tune, told what really happened to every trial, in a study that persists.
 
-Ray's ``OptunaSearch.on_trial_complete`` tells Optuna every trial that ended without an error as COMPLETE,
-with the metric of its *last* result. Under ASHA that last result is a low-rung AUC (epoch 1 or 2), so
-TPE would rank a promising config stopped at epoch 1 against fully trained ones as if its epoch-1 AUC were
-final, and learn that "good" configs are the ones that happen to look good early.
+What Ray 2.60 delivers (``TuneController._process_trial_result``): when the scheduler decides STOP for a result,
+``search_alg.on_trial_result`` is *not* called for it; only ``on_trial_complete(trial_id, result)`` sees it. ASHA
+decides STOP both at a rung where it cuts a trial and at max_t where the trial ends anyway. So Ray's stock
+``OptunaSearch`` never records the value of the epoch at which a trial stopped (a trial stopped at the first
+rung has no value at all), tells ASHA-stopped trials as COMPLETE with their low-rung AUC, and tells a diverged
+trial as COMPLETE too. ``FeedbackOptunaSearch`` instead:
+- reports the final result's value at its step before telling the trial, whatever the state;
+- tells the state `search.outcome.decide` gives (with `SchedulerStopMarker` among the run's callbacks) (COMPLETE / PRUNED / FAIL), the same judgement the leaderboard
+  and MLflow show;
+- tags each Optuna trial with its Ray trial id and outcome (user attributes), so the driver can settle, after the
+  search, the trials Ray never completed (cut by the time budget), and optuna-dashboard shows how each ended.
 
-``PrunedAwareOptunaSearch`` tells Optuna such trials as PRUNED. Optuna keeps the per-epoch values that
-``on_trial_result`` already reported (step = training iteration = epoch), and TPE ranks pruned trials
-after the completed ones, deeper-reaching first, then by their value at that depth: the semantics the
-sampler was designed for.
+The study lives in an Optuna RDB storage (default ``sqlite:///<results>/optuna.db``, study name = search name):
+``optuna-dashboard sqlite:///results/optuna.db`` shows it while the search runs, and a resumed search keeps
+using the same study (Ray pickles the searcher with its study; RDBStorage reconnects on unpickling).
+
+This module is the one place that touches ``OptunaSearch``'s private attributes (``_ot_trials``, ``_ot_study``,
+``_completed_trials``) and Optuna's ``FrozenTrial._trial_id``: tests/test_search_feedback.py fails with a clear message if a Ray upgrade renames them.
 """
 from __future__ import annotations
 
 import logging
+import math
 import warnings
+from pathlib import Path
 from typing import Callable
 
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
+from search.outcome import MODE, OBJECTIVE, STOP_MARK, Outcome, decide
+
 logger = logging.getLogger(__name__)
+RAY_TRIAL_ID = "ray_trial_id"  # Optuna user attribute: which Ray trial this is
+OUTCOME_ATTR = "outcome"  # Optuna user attribute: Outcome.label
+PRIVATE_ATTRS = ("_ot_trials", "_ot_study", "_completed_trials")  # of Ray's OptunaSearch, used here only
 
 
-def stopped_early(result: dict | None, max_t: int) -> bool:
-    """A trial that stopped before max_t epochs while still healthy (ASHA or the time budget stopped it)."""
-    if not result:
+def study_storage_url(results_dir: str | Path) -> str:
+    return f"sqlite:///{Path(results_dir).resolve()}/optuna.db"
+
+
+def open_storage(url: str):
+    import optuna
+
+    # A search's driver is the only writer; dashboards read alongside it. sqlite needs no server.
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}}
+                                      if url.startswith("sqlite") else None)
+
+
+def load_study(storage_url: str, name: str):
+    """The persisted study of search ``name`` (for plots, importances, tests)."""
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=open_storage(storage_url))
+
+
+def study_exists(storage_url: str, name: str) -> bool:
+    import optuna
+
+    if storage_url.startswith("sqlite:///") and not Path(storage_url[len("sqlite:///"):]).is_file():
         return False
-    return result.get("trial_status", "running") == "running" and result.get("training_iteration", 0) < max_t
+    return any(s.study_name == name for s in optuna.get_all_study_summaries(open_storage(storage_url),
+                                                                             include_best_trial=False))
 
 
-class PrunedAwareOptunaSearch(OptunaSearch):
+class SchedulerStopMarker(Callback):
+    """Marks the result at which the scheduler (ASHA) decided STOP, so the outcome can tell it from a time-budget
+    cut. Ray sets ``done`` on that result before calling callbacks, lets callbacks modify it in place, and then
+    keeps it as the trial's last result (TuneController._process_trial_result); a trainable's own results are
+    never ``done`` there (its end arrives as a separate, duplicate result)."""
+
+    def __init__(self, max_t: int):
+        self.max_t = max_t
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("done") and int(result.get("training_iteration", 0)) < self.max_t \
+                and result.get("trial_status") == "running":
+            result[STOP_MARK] = True
+
+
+class FeedbackOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, told every trial's final value and its true outcome (see the module docstring)."""
+
     def __init__(self, *args, max_t: int, **kwargs):
         super().__init__(*args, **kwargs)
         self._max_t = max_t
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if error or trial_id in self._completed_trials or not stopped_early(result, self._max_t):
-            # Finished (all epochs, or diverged: a real, bad, final value) or errored: Ray's handling is right.
-            return super().on_trial_complete(trial_id, result, error)
-        import optuna
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and config is not None:
+            ot_trial.set_user_attr(RAY_TRIAL_ID, trial_id)
+        return config
 
-        ot_trial = self._ot_trials[trial_id]
-        # No value for a PRUNED trial: Optuna takes its last intermediate value, and TPE orders pruned
-        # trials by (deepest step reached, value there) below every completed trial.
-        try:
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-        except Exception as exc:  # e.g. no intermediate value at all: keep the search going
-            logger.warning("could not tell trial %s to Optuna as pruned: %s", trial_id, exc)
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)  # Ray's warning for a repeat
+        outcome = decide(result, self._max_t, error=error, finished=True)
+        tell(self._ot_study, self._ot_trials[trial_id], outcome, result)
         self._completed_trials.add(trial_id)
+
+
+def _report_last(ot_trial, result: dict | None) -> None:
+    """The value of the result Ray withheld from on_trial_result (the STOP decision's), at its step."""
+    if not result:
+        return
+    value, step = result.get(OBJECTIVE), result.get("training_iteration")
+    if value is None or step is None or not math.isfinite(float(value)):
+        return
+    with warnings.catch_warnings():  # a step already reported keeps its first value; no need to warn
+        warnings.simplefilter("ignore")
+        ot_trial.report(float(value), int(step))
+
+
+def tell(study, ot_trial, outcome: Outcome, result: dict | None) -> None:
+    """Record ``outcome`` of one Optuna trial: last value, user attributes, final state (if any)."""
+    import optuna
+
+    state = outcome.optuna_state
+    try:
+        if outcome.kind != "diverged":  # a diverged epoch's 0.5 is no measurement of the config
+            _report_last(ot_trial, result)
+        ot_trial.set_user_attr(OUTCOME_ATTR, outcome.label)
+        if state is None:
+            return
+        value = result.get(OBJECTIVE) if result and state == "COMPLETE" else None
+        if state == "COMPLETE" and (value is None or not math.isfinite(float(value))):
+            state, value = "FAIL", None  # completed without a usable value: nothing TPE can learn from
+        study.tell(ot_trial, None if value is None else float(value), state=optuna.trial.TrialState[state])
+    except Exception as exc:  # e.g. already finished in the storage (a resume replayed it): keep searching
+        logger.warning("could not tell trial %s to Optuna as %s: %s", ot_trial.number, state, exc)
+
+
+LOST = "lost: the driver died before Ray saved this trial; the resumed search ran it again as another trial"
+
+
+def settle_study(storage_url: str, name: str, outcomes: dict[str, tuple[Outcome, dict | None]],
+                 search_over: bool = True) -> int:
+    """After the search: tell the trials Ray never completed (cut by the time budget, never started) what
+    happened; interrupted ones stay RUNNING for --resume. Once the search is over, a RUNNING trial Ray does not
+    know (asked for just before a crash, after Ray's last save of its state) is told FAIL, so no config counts
+    twice. Returns how many trials were settled."""
+    import optuna
+
+    study = load_study(storage_url, name)
+    settled = 0
+    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        trial = optuna.trial.Trial(study, frozen._trial_id)
+        ray_id = frozen.user_attrs.get(RAY_TRIAL_ID)
+        if ray_id in outcomes:
+            outcome, last = outcomes[ray_id]
+            tell(study, trial, outcome, last)
+            settled += outcome.optuna_state is not None
+        elif search_over:
+            trial.set_user_attr(OUTCOME_ATTR, LOST)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            settled += 1
+    return settled
 
 
 def make_sampler(seed: int, num_samples: int):
@@ -63,10 +175,13 @@ def make_sampler(seed: int, num_samples: int):
                                       constant_liar=True)
 
 
-def make_searcher(define: Callable, *, seed: int, num_samples: int, max_t: int, metric: str = "val_auc",
-                  mode: str = "max", pruned_feedback: bool = True) -> OptunaSearch:
-    """Seeded TPE over a define-by-run space; ``pruned_feedback=False`` gives Ray's stock behaviour (bench)."""
+def make_searcher(define: Callable, *, seed: int, num_samples: int, max_t: int, metric: str = OBJECTIVE, mode: str = MODE, feedback: bool = True,
+                  storage_url: str | None = None, study_name: str | None = None) -> OptunaSearch:
+    """Seeded TPE over a define-by-run space; ``feedback=False`` gives Ray's stock behaviour (search.bench).
+    ``storage_url``/``study_name``: persist the study (None: in memory)."""
     sampler = make_sampler(seed, num_samples)
-    if pruned_feedback:
-        return PrunedAwareOptunaSearch(space=define, metric=metric, mode=mode, sampler=sampler, max_t=max_t)
-    return OptunaSearch(space=define, metric=metric, mode=mode, sampler=sampler)
+    persist = {"storage": open_storage(storage_url), "study_name": study_name} if storage_url else {}
+    if feedback:
+        return FeedbackOptunaSearch(space=define, metric=metric, mode=mode, sampler=sampler, max_t=max_t,
+                                    **persist)
+    return OptunaSearch(space=define, metric=metric, mode=mode, sampler=sampler, **persist)

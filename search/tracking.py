@@ -16,9 +16,12 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from search.report import EPOCH_METRICS, error_line, trial_status
+from search.outcome import Outcome, decide
+from search.report import EPOCH_METRICS
 
 ROLE_TAG = "pcam_tune.role"
+OUTCOME_TAG = "outcome"  # Outcome.label: how the trial ended
+RUNG_TAG = "stopped_at_rung"  # the ASHA rung (epoch) that stopped it, on ASHA-stopped trials only
 EXPERIMENT_PATH_TAG = "pcam_tune.experiment_path"
 TRIAL_ID_TAG = "trial_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -62,7 +65,8 @@ def experiment_id(mlf, name: str) -> str:
     return exp.experiment_id
 
 
-def open_parent_run(tracking_uri: str, name: str, experiment_path: str, params: dict) -> tuple[str, bool]:
+def open_parent_run(tracking_uri: str, name: str, experiment_path: str, params: dict,
+                    tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """(parent run id, resumed?): the parent of this Ray experiment if one exists, else a new one."""
     mlf = client(tracking_uri)
     exp_id = experiment_id(mlf, name)
@@ -74,7 +78,7 @@ def open_parent_run(tracking_uri: str, name: str, experiment_path: str, params: 
         mlf.update_run(run_id, status="RUNNING")
         return run_id, True
     run = mlf.create_run(exp_id, run_name=f"{name} (search)",
-                         tags={ROLE_TAG: "parent", EXPERIMENT_PATH_TAG: experiment_path})
+                         tags={ROLE_TAG: "parent", EXPERIMENT_PATH_TAG: experiment_path, **(tags or {})})
     mlf.log_batch(run.info.run_id, params=_params(params))
     return run.info.run_id, False
 
@@ -101,13 +105,11 @@ def _params(d: dict):
 class MlflowTrialCallback(Callback):
     """Creates/continues one child run per trial under the parent, logging per-epoch metrics and the outcome."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, parent_run_id: str, max_epochs: int,
-                 time_budget_s: float | None = None):
+    def __init__(self, tracking_uri: str, experiment_name: str, parent_run_id: str, max_epochs: int):
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.parent_run_id = parent_run_id
         self.max_epochs = max_epochs
-        self.time_budget_s = time_budget_s
         self._reset()
 
     def _reset(self):
@@ -115,7 +117,6 @@ class MlflowTrialCallback(Callback):
         self._exp_id = None
         self._runs: dict[str, str] = {}  # trial_id -> child run id
         self._last_step: dict[str, int] = {}  # trial_id -> last epoch logged (resume: no double logging)
-        self._started = time.monotonic()
 
     # The callback is pickled into the Ray experiment state (tuner.pkl); the client is not picklable.
     def __getstate__(self):
@@ -128,7 +129,6 @@ class MlflowTrialCallback(Callback):
     def setup(self, **info):
         self._mlf = client(self.tracking_uri)
         self._exp_id = experiment_id(self._mlf, self.experiment_name)
-        self._started = time.monotonic()
         for trial_id, run in child_runs(self._mlf, self._exp_id, self.parent_run_id).items():
             self._runs[trial_id] = run.info.run_id
             hist = self._mlf.get_metric_history(run.info.run_id, "val_auc")
@@ -140,7 +140,7 @@ class MlflowTrialCallback(Callback):
             run = self._mlf.create_run(
                 self._exp_id, run_name=f"{trial.trial_id} {config.get('backbone', '')}".strip(),
                 tags={PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial.trial_id, ROLE_TAG: "trial",
-                      "backbone": str(config.get("backbone")), "status": "running"})
+                      "backbone": str(config.get("backbone")), OUTCOME_TAG: "running"})
             self._mlf.log_batch(run.info.run_id, params=_params(config))
             self._runs[trial.trial_id] = run.info.run_id
             self._last_step[trial.trial_id] = 0
@@ -149,7 +149,7 @@ class MlflowTrialCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         run_id = self._child(trial)
         self._mlf.update_run(run_id, status="RUNNING")
-        self._mlf.set_tag(run_id, "status", "running")
+        self._mlf.set_tag(run_id, OUTCOME_TAG, "running")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from mlflow.entities import Metric
@@ -164,42 +164,46 @@ class MlflowTrialCallback(Callback):
         self._mlf.log_batch(run_id, metrics=metrics)
         self._last_step[trial.trial_id] = step
 
-    def _budget_hit(self) -> bool:
-        return bool(self.time_budget_s) and time.monotonic() - self._started >= 0.98 * self.time_budget_s
-
+    # While the search runs, a trial Ray completes ended by itself or by ASHA; a time-budget cut or Ctrl-C
+    # never reaches these hooks (the driver settles those with reconcile_children at the end).
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._finish(trial, trial_status(trial.last_result, self.max_epochs, budget_hit=self._budget_hit()),
-                     "FINISHED")
+        self._finish(trial, decide(trial.last_result, self.max_epochs))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = _error_text(trial)
-        self._finish(trial, trial_status(trial.last_result, self.max_epochs, error=error), "FAILED",
-                     {"error": error_line(error)})
+        self._finish(trial, decide(trial.last_result, self.max_epochs, error=_error_text(trial)))
 
-    def _finish(self, trial, status: str, run_status: str, tags: dict | None = None):
+    def _finish(self, trial, outcome: Outcome):
         run_id = self._child(trial)
-        for k, v in {"status": status, **(tags or {})}.items():
+        for k, v in outcome_tags(outcome).items():
             self._mlf.set_tag(run_id, k, v)
-        self._mlf.set_terminated(run_id, run_status)
+        self._mlf.set_terminated(run_id, outcome.mlflow_status)
 
     # No on_experiment_end: Ray marks every trial TERMINATED before calling it, so an interrupted trial cannot
     # be told from a finished one here. The driver settles the final statuses (reconcile_children).
 
 
-def reconcile_children(tracking_uri: str, experiment_name: str, parent_run_id: str, statuses: dict[str, str],
-                       unfinished: set[str]) -> None:
-    """Give every child run the status the leaderboard shows; unfinished trials end KILLED (resumable)."""
+def outcome_tags(outcome: Outcome) -> dict[str, str]:
+    tags = {OUTCOME_TAG: outcome.label}
+    if outcome.rung is not None:
+        tags[RUNG_TAG] = str(outcome.rung)
+    if outcome.error:
+        tags["error"] = outcome.error
+    return tags
+
+
+def reconcile_children(tracking_uri: str, experiment_name: str, parent_run_id: str,
+                       outcomes: dict[str, Outcome]) -> None:
+    """Give every child run the outcome the leaderboard shows (the callback cannot see budget cuts or Ctrl-C)."""
     mlf = client(tracking_uri)
     for trial_id, run in child_runs(mlf, experiment_id(mlf, experiment_name), parent_run_id).items():
-        status = statuses.get(trial_id)
-        if status is None:
+        outcome = outcomes.get(trial_id)
+        if outcome is None:
             continue
-        if run.data.tags.get("status") != status:
-            mlf.set_tag(run.info.run_id, "status", status)
-        if trial_id in unfinished and run.info.status != "KILLED":
-            mlf.set_terminated(run.info.run_id, "KILLED")
-        elif trial_id not in unfinished and run.info.status == "RUNNING":
-            mlf.set_terminated(run.info.run_id, "FAILED" if status.startswith("errored") else "FINISHED")
+        for k, v in outcome_tags(outcome).items():
+            if run.data.tags.get(k) != v:
+                mlf.set_tag(run.info.run_id, k, v)
+        if run.info.status != outcome.mlflow_status:
+            mlf.set_terminated(run.info.run_id, outcome.mlflow_status)
 
 
 def _error_text(trial) -> str:

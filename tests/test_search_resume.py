@@ -39,7 +39,7 @@ def finished_children(tracking_uri: str) -> dict[str, object]:
     if not parents:
         return {}
     kids = tracking.child_runs(mlf, exp.experiment_id, parents[0].info.run_id)
-    return {t: r for t, r in kids.items() if r.data.tags.get("status") not in (None, "running")}
+    return {t: r for t, r in kids.items() if r.data.tags.get("outcome") not in (None, "running")}
 
 
 def progress_rows(experiment: Path, trial_id: str) -> int:
@@ -86,7 +86,7 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert set(done) <= set(board["trial_id"])
     for trial_id, rows in rows_before.items():  # finished before the kill: not trained again
         assert progress_rows(experiment, trial_id) == rows
-        assert board.set_index("trial_id").loc[trial_id, "status"] == done[trial_id].data.tags["status"]
+        assert board.set_index("trial_id").loc[trial_id, "status"] == done[trial_id].data.tags["outcome"]
     assert not board["status"].str.startswith(("interrupted", "pending", "errored")).any()
 
     mlf = tracking.client(uri)
@@ -100,6 +100,14 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
     for trial_id, run in kids.items():
         steps = [m.step for m in mlf.get_metric_history(run.info.run_id, "val_auc")]
         assert steps == sorted(set(steps)) == list(range(1, len(steps) + 1))  # no epoch logged twice
-        assert run.data.tags["status"] == board.set_index("trial_id").loc[trial_id, "status"]
+        assert run.data.tags["outcome"] == board.set_index("trial_id").loc[trial_id, "status"]
+    # The resumed search kept telling the same persisted study: every trial once, none left RUNNING.
+    from search import searcher
+
+    study = searcher.load_study(f"sqlite:///{tmp_path / 'results'}/optuna.db", NAME)
+    told = [t for t in study.trials if t.user_attrs.get(searcher.OUTCOME_ATTR) != searcher.LOST]
+    assert sorted(t.user_attrs[searcher.RAY_TRIAL_ID] for t in told) == sorted(board["trial_id"])
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    assert all(t.state.name == "FAIL" for t in study.trials if t not in told)
     best = json.loads((tmp_path / "results" / NAME / "best_config.json").read_text())
     assert best["parent_run_id"] == parents[0].info.run_id and best["config"]["seed"] == 5

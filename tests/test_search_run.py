@@ -19,7 +19,8 @@ from search import tracking
 
 NUM_SAMPLES = 4
 
-BEST_CONFIG_KEYS = {"name", "space", "config", "trial_id", "best_val_auc", "best_epoch", "epochs_run", "status",
+BEST_CONFIG_KEYS = {"name", "space", "config", "trial_id", "objective", "best_val_auc", "best_epoch", "epochs_run",
+                    "status", "slide_map", "validation",
                     "experiment_path", "checkpoint_path", "data_dir", "cache_path", "data_fingerprint",
                     "tracking_uri", "mlflow_experiment", "parent_run_id", "child_run_id"}
 
@@ -68,9 +69,11 @@ def test_smoke_search_writes_leaderboard_and_best_config(smoke_search, tiny_data
     board = pd.read_csv(out / "leaderboard.csv")
     assert len(board) == NUM_SAMPLES and board["trial_id"].is_unique
     assert list(board["rank"]) == list(range(1, NUM_SAMPLES + 1))
-    assert board["best_val_auc"].is_monotonic_decreasing
-    assert {"lr", "aug_strength", "status", "epochs_run", "best_epoch", "backbone"} <= set(board.columns)
-    assert board["status"].str.match(r"^(completed|stopped by ASHA at epoch 1|diverged at epoch \d)$").all()
+    healthy = ~board["status"].str.startswith(("diverged", "errored"))
+    assert healthy.is_monotonic_decreasing  # trials without a trustworthy objective rank last
+    assert board.loc[healthy, "best_val_auc"].is_monotonic_decreasing
+    assert {"lr", "aug_strength", "status", "stopped_at_rung", "epochs_run", "best_epoch", "backbone"} <= set(board.columns)
+    assert board["status"].str.match(r"^(completed|stopped by ASHA at rung 1|diverged at epoch \d)$").all()
     assert (board["status"] == "completed").any()
 
     best = json.loads((out / "best_config.json").read_text())
@@ -83,6 +86,7 @@ def test_smoke_search_writes_leaderboard_and_best_config(smoke_search, tiny_data
     assert Path(best["checkpoint_path"], "val_predictions.npz").is_file()
     assert Path(best["experiment_path"]) == results / "ray" / "smoke-test"
     assert best["data_dir"] == str(tiny_data_dir) and Path(best["cache_path"]).is_dir() and best["data_fingerprint"]
+    assert best["objective"] == "best_val_auc" and best["validation"] == "slide"  # tiny_data_dir has slide_map.csv
     assert best["tracking_uri"] == f"sqlite:///{results}/mlflow.db"
     assert (out / "roc_best.png").stat().st_size > 1000 and (out / "learning_curves.png").stat().st_size > 1000
 
@@ -96,6 +100,7 @@ def test_smoke_search_mlflow_parent_and_children(smoke_search):
     assert parent.data.params["space"] == "smoke" and parent.data.params["data_fingerprint"] == record["data_fingerprint"]
     assert parent.data.params["grace_period"] == "1" and parent.data.params["num_samples"] == str(NUM_SAMPLES)
     assert parent.data.metrics["best_val_auc"] == pytest.approx(record["best_val_auc"])
+    assert parent.data.tags["validation"] == "slide"
     artifacts = {a.path for a in mlf.list_artifacts(parent.info.run_id)}
     assert {"leaderboard.csv", "best_config.json", "roc_best.png", "learning_curves.png"} <= artifacts
 
@@ -105,13 +110,62 @@ def test_smoke_search_mlflow_parent_and_children(smoke_search):
     assert record["child_run_id"] == children[record["trial_id"]].info.run_id
     for trial_id, run in children.items():
         row = board[board["trial_id"] == trial_id].iloc[0]
-        assert run.data.tags["status"] == row["status"] and run.data.tags["backbone"] == "baseline_bn"
-        assert run.info.status == "FINISHED"
+        assert run.data.tags[tracking.OUTCOME_TAG] == row["status"] and run.data.tags["backbone"] == "baseline_bn"
+        assert run.info.status == ("FAILED" if row["status"].startswith("diverged") else "FINISHED")
+        if row["status"].startswith("stopped by ASHA"):
+            assert run.data.tags[tracking.RUNG_TAG] == str(int(row["stopped_at_rung"])) == "1"
         assert float(run.data.params["lr"]) == pytest.approx(row["lr"], rel=1e-3)
         steps = [m.step for m in mlf.get_metric_history(run.info.run_id, "val_auc")]
         assert steps == list(range(1, row["epochs_run"] + 1))  # one point per epoch, step = epoch
         assert run.data.metrics["val_auc"] == pytest.approx(
             mlf.get_metric_history(run.info.run_id, "val_auc")[-1].value)
+
+
+def test_smoke_search_persists_the_study_with_what_really_happened(smoke_search):
+    """The acceptance check of the TPE feedback on a real search.run: read the persisted Optuna study."""
+    from search import searcher
+
+    results, record = smoke_search
+    study = searcher.load_study(f"sqlite:///{results}/optuna.db", "smoke-test")
+    board = pd.read_csv(results / "smoke-test" / "leaderboard.csv").set_index("trial_id")
+    trials = {t.user_attrs[searcher.RAY_TRIAL_ID]: t for t in study.trials}
+    assert set(trials) == set(board.index)
+    for trial_id, t in trials.items():
+        status, best = board.loc[trial_id, "status"], board.loc[trial_id, "best_val_auc"]
+        assert t.user_attrs[searcher.OUTCOME_ATTR] == status
+        if status == "completed":
+            assert t.state.name == "COMPLETE" and t.value == pytest.approx(best, abs=1e-4)
+            assert sorted(t.intermediate_values) == [1, 2]
+        elif status.startswith("stopped by ASHA"):
+            rung = int(board.loc[trial_id, "stopped_at_rung"])
+            assert t.state.name == "PRUNED" and rung in t.intermediate_values  # the value at its stop rung
+            assert t.intermediate_values[rung] == pytest.approx(best, abs=1e-4)
+        else:
+            assert status.startswith("diverged") and t.state.name == "FAIL"
+
+
+def test_search_without_slide_map_warns_and_tags_patch_validation(ray_session, search_cache_dir, tiny_data_dir,
+                                                                  tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "no-slides"
+    shutil.copytree(tiny_data_dir, data)
+    (data / "slide_map.csv").unlink()
+    argv = ["--space", "smoke", "--name", "patchval", "--data-dir", str(data), "--num-samples", "1",
+            "--max-epochs", "1", "--results-dir", str(tmp_path / "results"), "--cache-dir", str(search_cache_dir)]
+    record = search_run.run_search(search_run.make_plan(argv), progress=False)
+    err = capsys.readouterr().err
+    assert err.count("warning: validation is by patch") == 1 and "--slide-map" in err
+    assert record["validation"] == "patch" and record["slide_map"] is None
+    parent = tracking.client(record["tracking_uri"]).get_run(record["parent_run_id"])
+    assert parent.data.tags["validation"] == "patch"
+    # The same data with the map passed explicitly: validation by slide, no warning, the map kept for refit/resume.
+    argv = [a if a != "patchval" else "slideval" for a in argv] + ["--slide-map", str(tiny_data_dir / "slide_map.csv")]
+    record = search_run.run_search(search_run.make_plan(argv), progress=False)
+    assert "warning: validation is by patch" not in capsys.readouterr().err
+    assert record["validation"] == "slide" and record["slide_map"] == str(tiny_data_dir / "slide_map.csv")
+    settings = json.loads((tmp_path / "results" / "slideval" / "search.json").read_text())
+    assert settings["slide_map"] == str(tiny_data_dir / "slide_map.csv")
 
 
 def _free_port() -> int:
@@ -194,8 +248,8 @@ def test_errored_and_diverged_trials_are_recorded_and_the_search_goes_on(ray_ses
 
     mlf = tracking.client(uri)
     kids = tracking.child_runs(mlf, mlf.get_experiment_by_name("reliability").experiment_id, parent)
-    tags = {float(r.data.params["lr"]): (r.info.status, r.data.tags["status"], r.data.tags.get("error", ""))
+    tags = {float(r.data.params["lr"]): (r.info.status, r.data.tags["outcome"], r.data.tags.get("error", ""))
             for r in kids.values()}
     assert tags[3e-3] == ("FINISHED", "completed", "")
-    assert tags[1e30] == ("FINISHED", "diverged at epoch 1", "")
+    assert tags[1e30] == ("FAILED", "diverged at epoch 1", "")
     assert tags[-1.0][0] == "FAILED" and tags[-1.0][1] == by_lr[-1.0].status and "learning rate" in tags[-1.0][2].lower()

@@ -1,12 +1,13 @@
 """Search spaces, option checks and the pruned-aware TPE feedback (no Ray cluster needed)."""
 from __future__ import annotations
 
+import math
+
 import optuna
 import pytest
 
 from datasets.errors import UserError
 from search import run as search_run
-from search.searcher import PrunedAwareOptunaSearch, make_searcher, stopped_early
 from search.spaces import SPACES, SpaceOptions, _num_stages as num_stages, define_by_run, get_space, list_spaces, \
     resolve_backbones
 from trainables.models import MODELS, is_pretrainable
@@ -106,71 +107,38 @@ def test_missing_weights_preflight_names_files_and_three_ways_out(tmp_path, monk
     search_run.check_weights(space, resolve_backbones(space, opts), SpaceOptions(pretrained=False))  # no error
 
 
-def _searcher(pruned_feedback: bool, max_t: int = 4):
-    space = get_space("smoke")
-    opts = SpaceOptions(max_epochs=max_t)
-    s = make_searcher(define_by_run(space, ("baseline_bn",), opts), seed=0, num_samples=8, max_t=max_t,
-                      pruned_feedback=pruned_feedback)
-    return s
-
-
-def _run_fake_trial(searcher, trial_id, aucs, status="running"):
-    assert searcher.suggest(trial_id)["backbone"] == "baseline_bn"
-    for epoch, auc in enumerate(aucs, 1):
-        searcher.on_trial_result(trial_id, {"val_auc": auc, "training_iteration": epoch, "epoch": epoch,
-                                            "trial_status": status})
-    last = {"val_auc": aucs[-1], "training_iteration": len(aucs), "epoch": len(aucs), "trial_status": status}
-    searcher.on_trial_complete(trial_id, last)
-
-
-def test_asha_stopped_trials_are_told_to_optuna_as_pruned():
-    s = _searcher(True)
-    assert isinstance(s, PrunedAwareOptunaSearch)
-    _run_fake_trial(s, "full", [0.6, 0.7, 0.8, 0.9], status="completed")
-    _run_fake_trial(s, "asha", [0.95])  # high at rung 1, then stopped: not a final 0.95
-    _run_fake_trial(s, "diverged", [0.5, 0.5], status="diverged")  # a real, final, bad result
-    s.suggest("err")
-    s.on_trial_complete("err", None, error=True)
-    states = {t.number: t.state for t in s._ot_study.get_trials()}
-    S = optuna.trial.TrialState
-    assert states == {0: S.COMPLETE, 1: S.PRUNED, 2: S.COMPLETE, 3: S.FAIL}
-    assert s._ot_study.best_value == 0.9  # the stopped trial's early 0.95 does not win
-    pruned = s._ot_study.get_trials()[1]
-    assert pruned.intermediate_values == {1: 0.95} and pruned.value == 0.95  # its history is kept for TPE
-
-
-def test_stock_optuna_search_treats_asha_stops_as_final():
-    s = _searcher(False)
-    _run_fake_trial(s, "full", [0.6, 0.7, 0.8, 0.9], status="completed")
-    _run_fake_trial(s, "asha", [0.95])
-    assert s._ot_study.best_value == 0.95  # the defect the pruned-aware searcher fixes
-
-
-def test_stopped_early():
-    assert stopped_early({"training_iteration": 1, "trial_status": "running"}, 4)
-    assert not stopped_early({"training_iteration": 4, "trial_status": "running"}, 4)
-    assert not stopped_early({"training_iteration": 2, "trial_status": "diverged"}, 4)
-    assert not stopped_early(None, 4)
-
-
-def test_trial_status_wording():
-    from search.report import trial_status
+def test_outcome_of_every_ending():
+    """One function decides how a trial ended; its wording, Optuna state and MLflow status (the real-Tuner
+    checks of what Ray delivers are in test_search_feedback.py)."""
+    from search.outcome import STOP_MARK, asha_rungs, decide
 
     done = {"epoch": 4, "training_iteration": 4, "trial_status": "completed"}
     early = {"epoch": 1, "training_iteration": 1, "trial_status": "running"}
-    assert trial_status(done, 4) == "completed"
-    assert trial_status(early, 4) == "stopped by ASHA at epoch 1"
-    assert trial_status({**early, "trial_status": "diverged"}, 4) == "diverged at epoch 1"
-    assert trial_status(early, 4, error="Traceback...\nValueError: boom\n") == "errored: ValueError: boom"
-    assert trial_status(early, 4, finished=False, interrupted=True) == "interrupted at epoch 1"
-    assert trial_status(early, 4, finished=False, budget_hit=True) == "stopped by time budget at epoch 1"
-    assert trial_status(None, 4, finished=False, interrupted=True) == "pending"
-
-
-def test_asha_rungs_tell_asha_stops_from_budget_cuts():
-    from search.report import asha_rungs, trial_status
-
+    cases = [  # (outcome, label, optuna state, mlflow status, ranked)
+        (decide(done, 4), "completed", "COMPLETE", "FINISHED", True),
+        (decide({**early, STOP_MARK: True}, 4), "stopped by ASHA at rung 1", "PRUNED", "FINISHED", True),
+        (decide(early, 4, budget_hit=True), "cut by time budget at epoch 1", "PRUNED", "KILLED", True),
+        (decide(early, 4), "ended early at epoch 1", "PRUNED", "FINISHED", True),
+        (decide({**early, "trial_status": "diverged"}, 4), "diverged at epoch 1", "FAIL", "FAILED", False),
+        (decide(early, 4, error="Traceback...\nValueError: boom\n"), "errored: ValueError: boom", "FAIL", "FAILED",
+         False),
+        (decide(early, 4, finished=False, interrupted=True), "interrupted at epoch 1", None, "KILLED", True),
+        (decide(None, 4, finished=False, interrupted=True), "ended before its first epoch", None, "KILLED", False),
+        (decide(None, 4, budget_hit=True), "ended before its first epoch", "FAIL", "KILLED", False),
+        (decide(None, 4), "ended without reporting", "FAIL", "FAILED", False),
+    ]
+    for o, label, state, mlflow_status, ranked in cases:
+        assert (o.label, o.optuna_state, o.mlflow_status, o.ranked) == (label, state, mlflow_status, ranked), o
+    assert decide({**early, STOP_MARK: True}, 4).rung == 1 and decide(early, 4, budget_hit=True).rung is None
     assert asha_rungs(1, 2, 8) == {1, 2, 4} and asha_rungs(2, 3, 8) == {2, 6} and asha_rungs(1, 2, 1) == set()
-    early = {"epoch": 1, "training_iteration": 1, "trial_status": "running"}
-    assert trial_status(early, 8, rungs={2, 6}, budget_hit=True) == "stopped by time budget at epoch 1"
-    assert trial_status({**early, "epoch": 2, "training_iteration": 2}, 8, rungs={2, 6}) == "stopped by ASHA at epoch 2"
+
+
+def test_objective_is_the_best_healthy_epoch():
+    from trainables.train import best_of
+
+    hist = [{"epoch": 1, "val_auc": 0.7}, {"epoch": 2, "val_auc": 0.8}, {"epoch": 3, "val_auc": 0.8},
+            {"epoch": 4, "val_auc": 0.75}]
+    assert best_of(hist) == (0.8, 2)  # ties keep the earlier epoch: the refit trains no longer than needed
+    assert best_of(hist + [{"epoch": 5, "val_auc": 0.9, "trial_status": "diverged"}]) == (0.8, 2)
+    auc, epoch = best_of([])
+    assert math.isnan(auc) and epoch == 0

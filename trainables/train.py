@@ -261,6 +261,19 @@ def evaluate(model, criterion, cache, val_idx, cfg) -> dict:
     return {"val_loss": loss, "val_auc": auc, "val_acc": acc, "labels": labels, "probs": probs}
 
 
+def best_of(history: list[dict]) -> tuple[float, int]:
+    """(best val AUC, its epoch) over the healthy epochs of ``history``: the search's objective (search.outcome
+    says why best, not last). (nan, 0) when no epoch validated."""
+    best, at = float("nan"), 0
+    for m in history:
+        v = m.get("val_auc")
+        if m.get("trial_status") == "diverged" or v is None or v != v:
+            continue
+        if not best >= v:  # ties keep the earlier epoch
+            best, at = float(v), int(m["epoch"])
+    return best, at
+
+
 def _epoch_seed(cfg: dict, epoch: int) -> int:
     # Seed per (seed, epoch): a run resumed at epoch e draws exactly what it would have drawn.
     return int(cfg["seed"]) * 100_003 + epoch
@@ -313,6 +326,9 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
                        "train_loss": float("nan"), "lr": float(sched.get_last_lr()[0]),
                        "epoch_seconds": time.perf_counter() - t0, "images_per_s": 0.0,
                        "trial_status": "diverged"}
+            best, at = best_of(history)
+            # Tune needs the metric in every result; the search tells TPE a diverged trial FAILED and ranks it last.
+            metrics.update(best_val_auc=0.5 if best != best else best, best_epoch=at)
             history.append(metrics)
             if on_epoch:
                 on_epoch(metrics, None, None)
@@ -327,6 +343,8 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
         metrics.update(epoch_seconds=time.perf_counter() - t0, images_per_s=seen / train_s,
                        trial_status="completed" if epoch == int(cfg["epochs"]) else "running")
         history.append(metrics)
+        if "val_auc" in metrics:  # the objective so far: what ASHA compares at its rungs and TPE is told
+            metrics["best_val_auc"], metrics["best_epoch"] = best_of(history)
         if on_epoch:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "epoch": epoch, "config": cfg, "history": history}
