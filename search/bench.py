@@ -1,17 +1,25 @@
-"""`python -m search.bench`: search efficiency at an equal budget of trial-epochs, side by side in one run.
+"""`python -m search.bench`: does the search pay? Held-out AUC of what each strategy would pick, vs budget.
 
-Strategies (same space, same trainable, same data, same budget of trained epochs):
-- asha_tpe:       Optuna TPE + ASHA, ASHA-stopped trials told to TPE as PRUNED (what search.run uses)
-- asha_tpe_stock: Optuna TPE + ASHA with Ray's stock OptunaSearch (stopped trials told as COMPLETE with
-                  their low-rung AUC)
-- random:         random search, every trial trained to max epochs (no early stopping)
+"Best val AUC seen so far" rewards a strategy for drawing many noisy validation scores. This bench measures what
+a user gets instead: a held-out set is carved once from the labelled patches (stratified, fixed seed) and never
+seen by any strategy. Every trial trains and validates on the rest; each epoch it also scores the held-out set
+with the checkpoint it would keep (its best epoch so far), which no strategy reads. After every trial-epoch
+spent, the incumbent is the trial the strategy would pick by its own objective (best val AUC), and the curve
+records the held-out AUC of that incumbent's checkpoint.
 
-A driver-side Stopper counts every reported epoch of every trial and ends the search when the budget is
-spent, recording the best val_auc seen so far after each epoch: that curve is what gets printed.
+Strategies (same space, data, trial seed, budget of trial-epochs, concurrency):
+- random:          random configs, every trial trained to max epochs (no early stopping)
+- random_asha:     random configs, ASHA early stopping
+- tpe_asha_stock:  Optuna TPE + ASHA, Ray's stock OptunaSearch feedback
+- tpe_asha:        Optuna TPE + ASHA, our outcome feedback (search.searcher; what search.run uses)
+
+Default: the real sample (../shared/pcam_sample beside the repo) when present, else the embedded synthetic data;
+5 searcher seeds; a table (mean +- sd over seeds) and a PNG of held-out AUC vs budget.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -22,92 +30,190 @@ from ray.tune import Stopper
 
 from datasets.errors import run_cli
 
-STRATEGIES = ("asha_tpe", "asha_tpe_stock", "random")
+STRATEGIES = ("random", "random_asha", "tpe_asha_stock", "tpe_asha")
+REAL_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "pcam_sample"
 
 
-class EpochBudget(Stopper):
-    """Tune Stopper: stop everything once `budget` trial-epochs were reported; keep best-so-far per epoch."""
+class Recorder(Stopper):
+    """Driver-side: sees every result in the order Tune processes them (one result = one trial-epoch spent),
+    keeps each trial's objective and the held-out AUC of its best checkpoint, and stops at the budget."""
 
     def __init__(self, budget: int):
-        self.budget, self.used, self.best, self.curve = budget, 0, 0.0, []
+        self.budget, self.used = budget, 0
+        self.trials: dict[str, tuple[float, float]] = {}  # trial_id -> (best_val_auc, heldout_at_best)
+        self.curve: list[tuple[int, float, float]] = []  # (trial-epochs, incumbent val objective, its held-out AUC)
 
     def __call__(self, trial_id, result):
+        if "heldout_at_best" not in result or self.used >= self.budget:
+            return False
         self.used += 1
-        self.best = max(self.best, float(result.get("val_auc", 0.0)))
-        self.curve.append((self.used, self.best))
+        if result.get("trial_status") == "diverged":  # FAIL: never the incumbent (as in search.run)
+            self.trials.pop(trial_id, None)
+        else:
+            self.trials[trial_id] = (float(result["best_val_auc"]), float(result["heldout_at_best"]))
+        if self.trials:
+            val, held = max(self.trials.values(), key=lambda vh: vh[0])
+            self.curve.append((self.used, val, held))
         return False
 
     def stop_all(self):
         return self.used >= self.budget
 
 
-def run_strategy(strategy: str, seed: int, args, cache_path: str, storage: str) -> list[tuple[int, float]]:
+def bench_trainable(config: dict, cache_path: str, holdout_idx: np.ndarray, pool_idx: np.ndarray):
+    """train_pcam's training (trainables.train.fit) on the pool rows, plus the held-out score of the best checkpoint."""
+    import torch
     from ray import tune
+
+    from datasets.cache import open_cache
+    from datasets.splits import stratified_split
+    from trainables.models import build_model
+    from trainables.train import fit, predict_proba, resolve_config, trial_cpus
+    from sklearn.metrics import roc_auc_score
+
+    torch.set_num_threads(trial_cpus())
+    cfg = resolve_config(config)
+    cache = open_cache(cache_path)
+    tr, va = stratified_split(cache.labels[pool_idx], float(cfg["val_fraction"]), int(cfg["seed"]))
+    held_x, held_y = cache.images[holdout_idx], cache.labels[holdout_idx]
+    scorer = build_model(cfg["backbone"], False, cfg["unfreeze_depth"], cfg["dropout"])
+    at_best = {"epoch": 0, "auc": 0.5}
+
+    def on_epoch(metrics, state, preds):
+        if state is not None and metrics.get("best_epoch") == metrics["epoch"]:  # a new best checkpoint
+            scorer.load_state_dict(state["model"])
+            at_best["auc"] = float(roc_auc_score(held_y, predict_proba(scorer, held_x, cfg, tta=False)))
+        tune.report({**metrics, "heldout_at_best": at_best["auc"]})
+
+    fit(cfg, cache, pool_idx[tr], pool_idx[va], on_epoch=on_epoch)
+
+
+def make_strategy(strategy: str, seed: int, define, args):
+    import optuna
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
-    import optuna
 
+    from search.outcome import OBJECTIVE
     from search.searcher import make_searcher
+
+    asha = ASHAScheduler(time_attr="training_iteration", max_t=args.max_epochs, grace_period=args.grace_period,
+                         reduction_factor=args.reduction_factor)
+    n = args.budget // args.grace_period  # more trials than the budget can ever start
+    if strategy.startswith("random"):
+        alg = OptunaSearch(space=define, metric=OBJECTIVE, mode="max",
+                           sampler=optuna.samplers.RandomSampler(seed=seed))
+        return alg, (asha if strategy == "random_asha" else FIFOScheduler()), \
+            (n if strategy == "random_asha" else -(-args.budget // args.max_epochs))
+    alg = make_searcher(define, seed=seed, num_samples=n, max_t=args.max_epochs, feedback=strategy == "tpe_asha")
+    return alg, asha, n
+
+
+def run_strategy(strategy: str, seed: int, args, trainable, storage: str) -> list[tuple[int, float, float]]:
+    from ray import tune
+
+    from search.searcher import SchedulerStopMarker
     from search.spaces import SpaceOptions, define_by_run, get_space, resolve_backbones
-    from trainables.train import train_pcam
 
     space = get_space(args.space)
     opts = SpaceOptions(max_epochs=args.max_epochs, seed=0)  # same training seed for every config
     define = define_by_run(space, resolve_backbones(space, opts), opts)
-    if args.max_train_samples:
-        define = _with_constants(define, {"max_train_samples": args.max_train_samples})
-    if strategy == "random":
-        searcher = OptunaSearch(space=define, metric="val_auc", mode="max",
-                                sampler=optuna.samplers.RandomSampler(seed=seed))
-        scheduler, num_samples = FIFOScheduler(), -(-args.budget // args.max_epochs)
-    else:
-        searcher = make_searcher(define, seed=seed, num_samples=args.budget // args.grace_period,
-                                 max_t=args.max_epochs, pruned_feedback=strategy == "asha_tpe")
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=args.max_epochs,
-                                  grace_period=args.grace_period, reduction_factor=args.reduction_factor)
-        num_samples = args.budget // args.grace_period  # more than the budget can ever start
-    stopper = EpochBudget(args.budget)
+    define = functools.partial(_define_plus, define, {"max_train_samples": args.max_train_samples,
+                                                      "batch_size": args.batch_size})
+    alg, scheduler, num_samples = make_strategy(strategy, seed, define, args)
+    recorder = Recorder(args.budget)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(train_pcam, cache_path=cache_path), {"cpu": 1}),
-        tune_config=tune.TuneConfig(metric="val_auc", mode="max", search_alg=searcher, scheduler=scheduler,
+        trainable,
+        tune_config=tune.TuneConfig(metric="best_val_auc", mode="max", search_alg=alg, scheduler=scheduler,
                                     num_samples=num_samples, max_concurrent_trials=args.max_concurrent),
-        run_config=tune.RunConfig(name=f"{strategy}-{seed}", storage_path=storage, stop=stopper, verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        run_config=tune.RunConfig(name=f"{strategy}-{seed}", storage_path=storage, stop=recorder, verbose=0,
+                                  callbacks=[SchedulerStopMarker(args.max_epochs)],
+                                  failure_config=tune.FailureConfig(max_failures=0)))
     tuner.fit()
-    return stopper.curve
-
-
-def _with_constants(define, constants):
-    import functools
-
-    return functools.partial(_define_plus, define, constants)
+    return recorder.curve
 
 
 def _define_plus(define, constants, trial):
-    return {**define(trial), **constants}
+    return {**define(trial), **{k: v for k, v in constants.items() if v is not None}}
 
 
-def best_at(curve: list[tuple[int, float]], budget: int) -> float:
-    vals = [b for used, b in curve if used <= budget]
+def at_budget(curve: list[tuple[int, float, float]], budget: int) -> float:
+    """Held-out AUC of the incumbent once ``budget`` trial-epochs were spent (nan before the first result)."""
+    vals = [held for used, _, held in curve if used <= budget]
     return vals[-1] if vals else float("nan")
+
+
+def budget_to_reach(curve, target: float, budget: int) -> int | None:
+    """First budget point at which the incumbent's held-out AUC is >= target."""
+    return next((used for used, _, held in curve if used <= budget and held >= target), None)
+
+
+def summarize(curves: dict[str, list], marks: list[int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for s, cs in curves.items():
+        vals = np.array([[at_budget(c, m) for m in marks] for c in cs])
+        out[s] = (np.nanmean(vals, axis=0), np.nanstd(vals, axis=0, ddof=1) if len(cs) > 1 else np.zeros(len(marks)))
+    return out
+
+
+def plot(curves: dict[str, list], budget: int, out: Path, title: str) -> Path:
+    from search.report import _pyplot
+
+    plt = _pyplot()
+    xs = list(range(1, budget + 1))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s, (mean, sd) in summarize(curves, xs).items():
+        ax.plot(xs, mean, label=s, lw=2 if s == "tpe_asha" else 1.2)
+        ax.fill_between(xs, mean - sd, mean + sd, alpha=0.15)
+    ax.set(xlabel="budget spent (trial-epochs)", ylabel="held-out AUC of the incumbent", title=title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(prog="python -m search.bench", description=__doc__.splitlines()[0])
     p.add_argument("--space", default="baseline")
-    p.add_argument("--budget", type=int, default=16, help="trial-epochs per search (default 16)")
+    p.add_argument("--budget", type=int, default=24, help="trial-epochs per search (default 24)")
     p.add_argument("--max-epochs", type=int, default=4)
     p.add_argument("--grace-period", type=int, default=1)
     p.add_argument("--reduction-factor", type=float, default=2)
-    p.add_argument("--max-train-samples", type=int, default=256, help="training patches per trial (speed)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat each strategy with this many searcher seeds")
+    p.add_argument("--max-train-samples", type=int, default=640, help="training patches per trial (speed)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--holdout", type=float, default=0.25, help="fraction of labelled patches held out (default 0.25)")
+    p.add_argument("--seeds", type=int, default=5, help="searcher seeds per strategy (default 5)")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
-    p.add_argument("--max-concurrent", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--data-dir", help="default: synthetic data of --synthetic-n patches")
-    p.add_argument("--synthetic-n", type=int, default=600,
-                   help="patches of the generated synthetic set when no --data-dir (default 600: CPU-sized)")
+    p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--data-dir", help=f"default: {REAL_SAMPLE} if present, else synthetic data")
+    p.add_argument("--synthetic-n", type=int, default=1600, help="patches of the synthetic set when no real data")
     p.add_argument("--cache-dir")
+    p.add_argument("--out", default="results/search_bench.png", help="PNG of held-out AUC vs budget")
     return p
+
+
+def load_data(args):
+    from datasets.cache import default_cache_root, prepare_dataset
+    from datasets.synthetic import ensure_synthetic
+
+    data_dir = args.data_dir or (str(REAL_SAMPLE) if (REAL_SAMPLE / "train_labels.csv").is_file() else None)
+    if data_dir is None:  # the embedded generator, generated once under the cache root
+        root = Path(args.cache_dir) if args.cache_dir else default_cache_root()
+        data_dir = ensure_synthetic(root / "synthetic", n=args.synthetic_n, seed=0)
+    return prepare_dataset(data_dir, args.cache_dir, progress=True), data_dir
+
+
+def carve_holdout(cache, fraction: float, seed: int = 12345) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out rows, pool rows) of the labelled train split; stratified; by slide when slides are known."""
+    from datasets.splits import group_split, stratified_split
+
+    rows = cache.indices("train")
+    labels = cache.labels[rows]
+    if cache.groups is not None:
+        pool, held = group_split(labels, cache.groups[rows], fraction, seed)
+    else:
+        pool, held = stratified_split(labels, fraction, seed)
+    return rows[held], rows[pool]
 
 
 @run_cli
@@ -116,37 +222,46 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no per-search result boxes
     args = get_args_parser().parse_args(argv)
     import ray
+    from ray import tune
 
-    from datasets.cache import prepare_dataset
-
-    data_dir = args.data_dir
-    if data_dir is None:  # the embedded generator at a CPU-friendly size, generated once under the cache root
-        from datasets.cache import default_cache_root
-        from datasets.synthetic import ensure_synthetic
-
-        root = Path(args.cache_dir) if args.cache_dir else default_cache_root()
-        data_dir = ensure_synthetic(root / "synthetic", n=args.synthetic_n, seed=0)
-    cache = prepare_dataset(data_dir, args.cache_dir, progress=True)
+    cache, data_dir = load_data(args)
+    holdout, pool = carve_holdout(cache, args.holdout)
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    trainable = tune.with_resources(
+        tune.with_parameters(bench_trainable, cache_path=str(cache.path), holdout_idx=holdout, pool_idx=pool),
+        {"cpu": 1})
     strategies = [s.strip() for s in args.strategies.split(",")]
     curves: dict[str, list] = {s: [] for s in strategies}
     t0 = time.perf_counter()
+    print(f"data {data_dir}: {len(pool)} patches for the strategies (<= {args.max_train_samples} trained per trial), "
+          f"{len(holdout)} held out; space {args.space}, budget {args.budget} trial-epochs, max {args.max_epochs} "
+          f"epochs, {args.max_concurrent} trials at once, {args.seeds} seeds", flush=True)
     with tempfile.TemporaryDirectory() as storage:
         for seed in range(args.seeds):
             for s in strategies:
                 t = time.perf_counter()
-                curves[s].append(run_strategy(s, seed, args, str(cache.path), storage))
-                print(f"{s:15s} seed {seed}: best val_auc {curves[s][-1][-1][1]:.4f} after "
-                      f"{curves[s][-1][-1][0]} trial-epochs ({time.perf_counter() - t:.0f} s)", flush=True)
+                curves[s].append(run_strategy(s, seed, args, trainable, storage))
+                c = curves[s][-1]
+                print(f"{s:15s} seed {seed}: incumbent val {c[-1][1]:.4f}, held-out {c[-1][2]:.4f} after "
+                      f"{c[-1][0]} trial-epochs ({time.perf_counter() - t:.0f} s)", flush=True)
     ray.shutdown()
-    marks = sorted({max(1, round(args.budget * f)) for f in (0.25, 0.5, 0.75, 1.0)})
-    print(f"\nbest val_auc vs budget (trial-epochs), mean over {args.seeds} seed(s); space {args.space}, "
-          f"max {args.max_epochs} epochs, <= {args.max_train_samples} train patches, data {data_dir}")
-    print(f"{'strategy':15s}" + "".join(f"{m:>10d}" for m in marks))
+    marks = sorted({max(1, round(args.budget * f)) for f in (1 / 6, 1 / 3, 0.5, 2 / 3, 1.0)})
+    stats = summarize(curves, marks)
+    print(f"\nheld-out AUC of the incumbent vs budget (trial-epochs): mean +- sd over {args.seeds} seeds")
+    print(f"{'strategy':15s}" + "".join(f"{m:>15d}" for m in marks))
     for s in strategies:
-        means = [np.nanmean([best_at(c, m) for c in curves[s]]) for m in marks]
-        print(f"{s:15s}" + "".join(f"{v:10.4f}" for v in means))
-    print(f"(total {time.perf_counter() - t0:.0f} s)")
+        mean, sd = stats[s]
+        print(f"{s:15s}" + "".join(f"{m:>8.4f} +-{d:.3f}" for m, d in zip(mean, sd)))
+    if "random" in curves and "tpe_asha" in curves:
+        target = stats["random"][0][-1]
+        reach = [budget_to_reach(c, target, args.budget) for c in curves["tpe_asha"]]
+        got = [r for r in reach if r is not None]
+        print(f"\ntpe_asha reached random search's final mean held-out AUC ({target:.4f}) in {len(got)}/{len(reach)} "
+              f"seeds; budget needed: {sorted(got)} of {args.budget} (target: <= {args.budget / 3:.0f})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(curves, args.budget, out, f"{args.space} space, {Path(str(data_dir)).name}, {args.seeds} seeds")
+    print(f"wrote {out}  (total {time.perf_counter() - t0:.0f} s)")
     return 0
 
 
