@@ -56,12 +56,21 @@ def artifact_location(tracking_uri: str, name: str) -> str | None:
     return None
 
 
+# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces overview); a model-training
+# experiment opens on its runs table. The key and value are the UI's ExperimentKind (mlflow.experimentKind).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(mlf, name: str) -> str:
+    """The id of experiment ``name``, created (or restored, or tagged) as a model-training experiment."""
     exp = mlf.get_experiment_by_name(name)
     if exp is None:
-        return mlf.create_experiment(name, artifact_location=artifact_location(mlf.tracking_uri, name))
+        return mlf.create_experiment(name, artifact_location=artifact_location(mlf.tracking_uri, name),
+                                     tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     if exp.lifecycle_stage == "deleted":
         mlf.restore_experiment(exp.experiment_id)  # the user re-runs a name they deleted in the UI
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an earlier version, or by hand; a kind the user set stays
+        mlf.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return exp.experiment_id
 
 

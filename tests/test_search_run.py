@@ -95,6 +95,7 @@ def test_smoke_search_mlflow_parent_and_children(smoke_search):
     results, record = smoke_search
     mlf = tracking.client(record["tracking_uri"])
     exp = mlf.get_experiment_by_name("smoke-test")
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING_KIND  # UI: runs table, not traces
     parent = mlf.get_run(record["parent_run_id"])
     assert parent.info.experiment_id == exp.experiment_id and parent.info.status == "FINISHED"
     assert parent.data.params["space"] == "smoke" and parent.data.params["data_fingerprint"] == record["data_fingerprint"]
