@@ -33,6 +33,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 ui: $(STAMP)
+	@$(PY) -c "from search import tracking; print('MLflow UI: open', tracking.experiment_url('sqlite:///results/mlflow.db', '$(NAME)'))"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///results/mlflow.db --host 127.0.0.1 --port 5000
 
 bench: $(STAMP)

@@ -541,7 +541,9 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
         print(f"search interrupted with {plan.unfinished} trial(s) unfinished; {resume_hint}")
     elif plan.unfinished:  # Ray counts the budget across resumes: a spent budget is the end of this search
         print(f"time budget reached: {plan.unfinished} trial(s) cut short")
-    print(f"compare the trials in MLflow (experiment {plan.name!r}):\n  {tracking.ui_command(plan.tracking_uri)}")
+    views = tracking.link_search_views(plan.tracking_uri, plan.name, parent_run_id)
+    print(f"compare the trials in MLflow (experiment {plan.name!r}):\n  {tracking.ui_command(plan.tracking_uri)}\n"
+          f"  then open {views['runs']}\n  (the parent run's description links the trials' learning curves side by side)")
     return record
 
 

@@ -10,6 +10,7 @@ for a trial; epochs already logged are not logged twice.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -32,8 +33,51 @@ def default_tracking_uri(results_dir: Path, cli_uri: str | None = None) -> str:
     return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(results_dir).resolve()}/mlflow.db"
 
 
+UI_ADDRESS = "http://127.0.0.1:5000"  # where ui_command (and `make ui`) serves
+
+
 def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+# MLflow 3's UI shows an experiment as GenAI or model training by a per-browser switch that starts on GenAI
+# (the `workflowType` URL parameter overrides it); the experiment kind tag alone does not flip it.
+_MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def runs_url(exp_id: str, base: str = UI_ADDRESS) -> str:
+    """The experiment's runs table: the parent run, its children nested under it."""
+    return f"{base}/#/experiments/{exp_id}/runs?{_MODEL_TRAINING_VIEW}"
+
+
+def curves_url(exp_id: str, run_ids: list[str], metric: str = "val_auc", base: str = UI_ADDRESS) -> str:
+    """The compare view's metric page for these runs: one learning curve per run, x = step = epoch."""
+    from urllib.parse import quote
+
+    def js(value) -> str:
+        return quote(json.dumps(value, separators=(",", ":")))
+
+    return (f"{base}/#/metric?runs={js(run_ids)}&metric={js(metric)}&experiments={js([exp_id])}"
+            f"&plot_metric_keys={js([metric])}&x_axis=step&show_point=true&{_MODEL_TRAINING_VIEW}")
+
+
+def experiment_url(tracking_uri: str, experiment_name: str) -> str:
+    """The runs table of an existing experiment, else the experiments list (for `make ui`)."""
+    exp = client(tracking_uri).get_experiment_by_name(experiment_name)
+    return runs_url(exp.experiment_id) if exp else f"{UI_ADDRESS}/#/experiments?{_MODEL_TRAINING_VIEW}"
+
+
+def link_search_views(tracking_uri: str, experiment_name: str, parent_run_id: str) -> dict[str, str]:
+    """{'runs': URL, 'curves': URL} of the search in the UI; the parent run's description links the curves too."""
+    mlf = client(tracking_uri)
+    exp_id = experiment_id(mlf, experiment_name)
+    kids = sorted(child_runs(mlf, exp_id, parent_run_id).items())
+    urls = {"runs": runs_url(exp_id), "curves": curves_url(exp_id, [run.info.run_id for _, run in kids])}
+    # A root-relative link (/#/metric?...): it works whatever host and port the UI is served on.
+    mlf.set_tag(parent_run_id, "mlflow.note.content",
+                f"[Learning curves of the {len(kids)} trials side by side (val_auc per epoch)]"
+                f"({curves_url(exp_id, [run.info.run_id for _, run in kids], base='')})")
+    return urls
 
 
 def client(tracking_uri: str):

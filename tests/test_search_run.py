@@ -108,6 +108,10 @@ def test_smoke_search_mlflow_parent_and_children(smoke_search):
     children = tracking.child_runs(mlf, exp.experiment_id, parent.info.run_id)
     board = pd.read_csv(results / "smoke-test" / "leaderboard.csv")
     assert set(children) == set(board["trial_id"])
+    # The parent's description links the compare view's learning curves of exactly its children.
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith(f"[Learning curves of the {NUM_SAMPLES} trials side by side") and "(/#/metric?runs=" in note
+    assert all(run.info.run_id in note for run in children.values()) and "workflowType=machine_learning" in note
     assert record["child_run_id"] == children[record["trial_id"]].info.run_id
     for trial_id, run in children.items():
         row = board[board["trial_id"] == trial_id].iloc[0]
