@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets.errors import UserError, run_cli
-from search import report, searcher, tracking
+from search import insight, report, searcher, tracking
 from search.outcome import MODE, OBJECTIVE
 from search.spaces import SpaceOptions, define_by_run, get_space, list_spaces, pretrained_backbones_used, \
     resolve_backbones
@@ -523,20 +523,22 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
         parent_run_id=parent_run_id, child_run_id=child)
     best_path = out_dir / "best_config.json"
     report.write_json(best_path, record)
+    explained = insight.explain_search(plan.study_storage, plan.name, out_dir)  # Optuna's plots, importances
     pictures = [report.plot_roc(best, out_dir / "roc_best.png"),
-                report.plot_learning_curves(summaries, out_dir / "learning_curves.png")]
+                report.plot_learning_curves(summaries, out_dir / "learning_curves.png"), *explained.pictures]
     kinds = [s.outcome.kind for s in summaries]
     counts = {"n_trials": len(summaries), "n_completed": kinds.count("completed"),
               "n_stopped_by_asha": kinds.count("stopped"), "n_cut_by_budget": kinds.count("budget"),
               "n_diverged": kinds.count("diverged"), "n_errored": kinds.count("errored")}
     tracking.finish_parent(
         plan.tracking_uri, parent_run_id,
-        metrics={"best_val_auc": best.best_val_auc, "best_epoch": best.best_epoch, **counts},
+        metrics={"best_val_auc": best.best_val_auc, "best_epoch": best.best_epoch, **counts,
+                 **{f"importance_{k}": v for k, v in explained.importances.items()}},
         tags={"best_trial_id": best.trial_id, "best_child_run_id": child or "",
               "best_backbone": best.config.get("backbone")},
         artifacts=[board_path, best_path, *pictures], status="KILLED" if interrupted else "FINISHED")
     print(f"\nbest: trial {best.trial_id} val_auc {best.best_val_auc:.4f} at epoch {best.best_epoch} "
-          f"({best.status})\nleaderboard: {board_path}\nbest config: {best_path}")
+          f"({best.status})\nleaderboard: {board_path}\nbest config: {best_path}\n{explained.summary()}")
     if interrupted:
         print(f"search interrupted with {plan.unfinished} trial(s) unfinished; {resume_hint}")
     elif plan.unfinished:  # Ray counts the budget across resumes: a spent budget is the end of this search

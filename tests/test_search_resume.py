@@ -109,5 +109,9 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert sorted(t.user_attrs[searcher.RAY_TRIAL_ID] for t in told) == sorted(board["trial_id"])
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     assert all(t.state.name == "FAIL" for t in study.trials if t not in told)
+    # The resumed search explains itself from the whole study, trials from before the kill included.
+    assert "what mattered most (fANOVA" in out or "parameter importances: need at least" in out
+    artifacts = {a.path for a in mlf.list_artifacts(parents[0].info.run_id)}
+    assert "intermediate_values.png" in artifacts and "parallel_coordinate.png" in artifacts
     best = json.loads((tmp_path / "results" / NAME / "best_config.json").read_text())
     assert best["parent_run_id"] == parents[0].info.run_id and best["config"]["seed"] == 5

@@ -104,6 +104,14 @@ def test_smoke_search_mlflow_parent_and_children(smoke_search):
     assert parent.data.tags["validation"] == "slide"
     artifacts = {a.path for a in mlf.list_artifacts(parent.info.run_id)}
     assert {"leaderboard.csv", "best_config.json", "roc_best.png", "learning_curves.png"} <= artifacts
+    # Optuna's own plots of the persisted study (importances only with enough completed trials).
+    assert {"optimization_history.png", "parallel_coordinate.png", "intermediate_values.png"} <= artifacts
+    from search import searcher
+
+    study = searcher.load_study(f"sqlite:///{results}/optuna.db", "smoke-test")
+    n_completed = sum(t.state.name == "COMPLETE" for t in study.trials)
+    importances = {k for k in parent.data.metrics if k.startswith("importance_")}
+    assert ("param_importances.png" in artifacts) == bool(importances) == (n_completed >= 4)
 
     children = tracking.child_runs(mlf, exp.experiment_id, parent.info.run_id)
     board = pd.read_csv(results / "smoke-test" / "leaderboard.csv")

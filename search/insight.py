@@ -1,0 +1,132 @@
+"""A search explains itself: Optuna's own plots of the search's TPE study, and which parameters mattered.
+
+Made from the persisted study (search.searcher.load_study) at the end of a search and of every resume,
+written beside the leaderboard and logged to the MLflow parent run:
+
+- ``optimization_history.png``: every completed trial's objective in the order TPE proposed it, and the
+  best so far: did TPE improve on its random start-up trials?
+- ``param_importances.png``: fANOVA importances (Optuna's default evaluator, seeded) over the completed
+  trials; the same numbers as ``Insight.importances``;
+- ``parallel_coordinate.png``: the completed trials' parameters against the objective;
+- ``intermediate_values.png``: every trial's objective per epoch, stopped trials included: the ASHA rungs
+  are where the short curves end.
+
+Optuna computes importances from COMPLETE trials only (those ASHA stopped are PRUNED). With fewer than
+``MIN_TRIALS_FOR_IMPORTANCE`` of them the numbers would be noise, so there are none, and the note says why.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIN_TRIALS_FOR_IMPORTANCE = 4
+TOP_K = 3
+PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
+
+
+@dataclass
+class Insight:
+    pictures: list[Path] = field(default_factory=list)
+    importances: dict[str, float] = field(default_factory=dict)  # all parameters, most important first
+    n_completed: int = 0
+    note: str | None = None  # why there are no importances (or no plots)
+
+    def top(self, k: int = TOP_K) -> list[tuple[str, float]]:
+        return list(self.importances.items())[:k]
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        if not self.importances:
+            return f"parameter importances: {self.note}"
+        top = ", ".join(f"{name} {value:.2f}" for name, value in self.top())
+        return f"what mattered most (fANOVA importance over {self.n_completed} completed trials): {top}"
+
+
+def _evaluator():
+    import optuna
+
+    return optuna.importance.FanovaImportanceEvaluator(seed=0)  # seeded: the same study, the same numbers
+
+
+def importances(study, n_completed: int) -> tuple[dict[str, float], str | None]:
+    """(importances, None), or ({}, why not)."""
+    import optuna
+
+    if n_completed < MIN_TRIALS_FOR_IMPORTANCE:
+        return {}, (f"need at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials, this search has {n_completed} "
+                    "(trials ASHA stopped early do not count)")
+    try:
+        values = optuna.importance.get_param_importances(study, evaluator=_evaluator())
+    except (ValueError, RuntimeError) as e:  # e.g. no parameter common to all completed trials
+        return {}, f"Optuna could not compute them ({str(e).splitlines()[0][:160]})"
+    if not values:
+        return {}, "no searched parameter is shared by all completed trials"
+    return {name: float(v) for name, v in values.items()}, None
+
+
+def _save(ax, path: Path) -> Path:
+    from search.report import _pyplot
+
+    plt = _pyplot()
+    fig = ax.figure
+    fig.set_size_inches(9, 5.5)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _intermediate_values(oplt, study):
+    ax = oplt.plot_intermediate_values(study)
+    ax.set_xlabel("epoch (a curve that ends early: stopped by ASHA at that rung)")
+    ax.set_ylabel("best val AUC so far")
+    return ax
+
+
+def explain(study, out_dir: str | Path) -> Insight:
+    """Write the four plots that have something to show into ``out_dir`` and compute the importances."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from search.report import _pyplot
+
+    _pyplot()  # the Agg backend before Optuna imports pyplot: the driver may have no display
+    from optuna.visualization import matplotlib as oplt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    n_completed = sum(t.state == TrialState.COMPLETE for t in trials)
+    values, note = importances(study, n_completed)
+    insight = Insight(importances=values, n_completed=n_completed, note=note)
+    drawable = {"optimization_history": n_completed > 0, "param_importances": bool(values),
+                "parallel_coordinate": n_completed > 0,
+                "intermediate_values": any(t.intermediate_values for t in trials)}
+    draw = {"optimization_history": lambda: oplt.plot_optimization_history(study, target_name="best val AUC"),
+            "param_importances": lambda: oplt.plot_param_importances(study, evaluator=_evaluator()),
+            "parallel_coordinate": lambda: oplt.plot_parallel_coordinate(study, target_name="best val AUC"),
+            "intermediate_values": lambda: _intermediate_values(oplt, study)}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the matplotlib backend is flagged experimental
+            for name in PLOTS:
+                if drawable[name]:
+                    insight.pictures.append(_save(draw[name](), out_dir / f"{name}.png"))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    if n_completed == 0 and insight.note is None:
+        insight.note = "no completed trial yet"
+    return insight
+
+
+def explain_search(storage_url: str, name: str, out_dir: str | Path) -> Insight:
+    """``explain`` on the persisted study of search ``name``; a missing study is a note, not an error."""
+    from search.searcher import load_study
+
+    try:
+        study = load_study(storage_url, name)
+    except KeyError:
+        return Insight(note=f"no Optuna study {name!r} in {storage_url}")
+    return explain(study, out_dir)
