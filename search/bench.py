@@ -1,11 +1,12 @@
 """`python -m search.bench`: does the search pay? Held-out AUC of what each strategy would pick, vs budget.
 
 "Best val AUC seen so far" rewards a strategy for drawing many noisy validation scores. This bench measures what
-a user gets instead: a held-out set is carved once from the labelled patches (stratified, fixed seed) and never
-seen by any strategy. Every trial trains and validates on the rest; each epoch it also scores the held-out set
-with the checkpoint it would keep (its best epoch so far), which no strategy reads. After every trial-epoch
-spent, the incumbent is the trial the strategy would pick by its own objective (best val AUC), and the curve
-records the held-out AUC of that incumbent's checkpoint.
+a user gets instead: a held-out set is carved once from the labelled patches (stratified, by slide when slides
+are known, fixed seed) and never seen by any strategy. Every trial trains and validates on the rest, keeping a
+checkpoint of each new best epoch. After every trial-epoch spent, the incumbent is the trial the strategy would
+pick by its own objective (best val AUC, at its best epoch); once the search is over, the driver scores each
+checkpoint that was ever an incumbent on the held-out set, and the curve records the held-out AUC of the
+incumbent at every budget point.
 
 Strategies (same space, data, trial seed, budget of trial-epochs, concurrency):
 - random:          random configs, every trial trained to max epochs (no early stopping)
@@ -36,61 +37,82 @@ REAL_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "pcam_samp
 
 class Recorder(Stopper):
     """Driver-side: sees every result in the order Tune processes them (one result = one trial-epoch spent),
-    keeps each trial's objective and the held-out AUC of its best checkpoint, and stops at the budget."""
+    keeps each trial's objective and best epoch, records the incumbent after each, and stops at the budget."""
 
     def __init__(self, budget: int):
         self.budget, self.used = budget, 0
-        self.trials: dict[str, tuple[float, float]] = {}  # trial_id -> (best_val_auc, heldout_at_best)
-        self.curve: list[tuple[int, float, float]] = []  # (trial-epochs, incumbent val objective, its held-out AUC)
+        self.trials: dict[str, tuple[float, int]] = {}  # trial_id -> (best_val_auc, best_epoch)
+        self.curve: list[tuple[int, float, tuple[str, int]]] = []  # (trial-epochs, incumbent objective, its ckpt)
 
     def __call__(self, trial_id, result):
-        if "heldout_at_best" not in result or self.used >= self.budget:
+        if "best_val_auc" not in result or self.used >= self.budget:
             return False
         self.used += 1
         if result.get("trial_status") == "diverged":  # FAIL: never the incumbent (as in search.run)
             self.trials.pop(trial_id, None)
         else:
-            self.trials[trial_id] = (float(result["best_val_auc"]), float(result["heldout_at_best"]))
+            self.trials[trial_id] = (float(result["best_val_auc"]), int(result["best_epoch"]))
         if self.trials:
-            val, held = max(self.trials.values(), key=lambda vh: vh[0])
-            self.curve.append((self.used, val, held))
+            tid, (val, epoch) = max(self.trials.items(), key=lambda kv: kv[1][0])
+            self.curve.append((self.used, val, (tid, epoch)))
         return False
 
     def stop_all(self):
         return self.used >= self.budget
 
 
-def bench_trainable(config: dict, cache_path: str, holdout_idx: np.ndarray, pool_idx: np.ndarray):
-    """train_pcam's training (trainables.train.fit) on the pool rows, plus the held-out score of the best checkpoint."""
+def bench_trainable(config: dict, cache_path: str, pool_idx: np.ndarray, models_dir: str):
+    """train_pcam's training (trainables.train.fit) on the pool rows only; the model of each new best epoch is
+    written to ``models_dir/<trial>-<epoch>.pt`` (one machine: a plain folder, read back by the driver)."""
     import torch
     from ray import tune
 
     from datasets.cache import open_cache
-    from datasets.splits import stratified_split
-    from trainables.models import build_model
-    from trainables.train import fit, predict_proba, resolve_config, trial_cpus
-    from sklearn.metrics import roc_auc_score
+    from datasets.splits import group_split, stratified_split
+    from trainables.train import fit, resolve_config, trial_cpus
 
     torch.set_num_threads(trial_cpus())
     cfg = resolve_config(config)
     cache = open_cache(cache_path)
-    tr, va = stratified_split(cache.labels[pool_idx], float(cfg["val_fraction"]), int(cfg["seed"]))
-    held_x, held_y = cache.images[holdout_idx], cache.labels[holdout_idx]
-    scorer = build_model(cfg["backbone"], False, cfg["unfreeze_depth"], cfg["dropout"])
-    at_best = {"epoch": 0, "auc": 0.5}
+    labels, frac, seed = cache.labels[pool_idx], float(cfg["val_fraction"]), int(cfg["seed"])
+    tr, va = group_split(labels, cache.groups[pool_idx], frac, seed) if cache.groups is not None else \
+        stratified_split(labels, frac, seed)
+
+    trial_id = tune.get_context().get_trial_id()
 
     def on_epoch(metrics, state, preds):
-        if state is not None and metrics.get("best_epoch") == metrics["epoch"]:  # a new best checkpoint
-            scorer.load_state_dict(state["model"])
-            at_best["auc"] = float(roc_auc_score(held_y, predict_proba(scorer, held_x, cfg, tta=False)))
-        tune.report({**metrics, "heldout_at_best": at_best["auc"]})
+        if state is not None and metrics.get("best_epoch") == metrics["epoch"]:
+            torch.save({"model": state["model"], "config": state["config"]},
+                       Path(models_dir) / f"{trial_id}-{metrics['epoch']}.pt")
+        tune.report(metrics)
 
     fit(cfg, cache, pool_idx[tr], pool_idx[va], on_epoch=on_epoch)
+
+
+def score_incumbents(models_dir: Path, curve, cache, holdout_idx) -> list[tuple[int, float, float]]:
+    """(trial-epochs, incumbent objective, held-out AUC of its model) for every point of the curve."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from trainables.models import build_model
+    from trainables.train import predict_proba
+
+    held_x, held_y = cache.images[holdout_idx], cache.labels[holdout_idx]
+    scores: dict[tuple[str, int], float] = {}
+    for key in dict.fromkeys(k for _, _, k in curve):
+        state = torch.load(models_dir / f"{key[0]}-{key[1]}.pt", map_location="cpu", weights_only=True)
+        cfg = state["config"]
+        model = build_model(cfg["backbone"], False, cfg["unfreeze_depth"], cfg["dropout"])
+        model.load_state_dict(state["model"])
+        scores[key] = float(roc_auc_score(held_y, predict_proba(model, held_x, cfg, tta=False)))
+    return [(used, val, scores[key]) for used, val, key in curve]
 
 
 def make_strategy(strategy: str, seed: int, define, args):
     import optuna
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     from ray.tune.search.optuna import OptunaSearch
 
     from search.outcome import OBJECTIVE
@@ -108,7 +130,8 @@ def make_strategy(strategy: str, seed: int, define, args):
     return alg, asha, n
 
 
-def run_strategy(strategy: str, seed: int, args, trainable, storage: str) -> list[tuple[int, float, float]]:
+def run_strategy(strategy: str, seed: int, args, storage: str, cache, pool_idx, holdout_idx
+                 ) -> list[tuple[int, float, float]]:
     from ray import tune
 
     from search.searcher import SchedulerStopMarker
@@ -121,15 +144,21 @@ def run_strategy(strategy: str, seed: int, args, trainable, storage: str) -> lis
                                                       "batch_size": args.batch_size})
     alg, scheduler, num_samples = make_strategy(strategy, seed, define, args)
     recorder = Recorder(args.budget)
+    models_dir = Path(storage) / f"models-{strategy}-{seed}"
+    models_dir.mkdir()
+    trainable = tune.with_resources(tune.with_parameters(
+        bench_trainable, cache_path=str(cache.path), pool_idx=pool_idx, models_dir=str(models_dir)), {"cpu": 1})
     tuner = tune.Tuner(
         trainable,
+        # reuse_actors: a new trial reuses a finished one's worker (no new process, no torch import).
         tune_config=tune.TuneConfig(metric="best_val_auc", mode="max", search_alg=alg, scheduler=scheduler,
-                                    num_samples=num_samples, max_concurrent_trials=args.max_concurrent),
+                                    num_samples=num_samples, max_concurrent_trials=args.max_concurrent,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=f"{strategy}-{seed}", storage_path=storage, stop=recorder, verbose=0,
                                   callbacks=[SchedulerStopMarker(args.max_epochs)],
                                   failure_config=tune.FailureConfig(max_failures=0)))
     tuner.fit()
-    return recorder.curve
+    return score_incumbents(models_dir, recorder.curve, cache, holdout_idx)
 
 
 def _define_plus(define, constants, trial):
@@ -179,13 +208,14 @@ def get_args_parser():
     p.add_argument("--max-epochs", type=int, default=4)
     p.add_argument("--grace-period", type=int, default=1)
     p.add_argument("--reduction-factor", type=float, default=2)
-    p.add_argument("--max-train-samples", type=int, default=640, help="training patches per trial (speed)")
+    p.add_argument("--max-train-samples", type=int, default=384, help="training patches per trial (speed)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--holdout", type=float, default=0.25, help="fraction of labelled patches held out (default 0.25)")
     p.add_argument("--seeds", type=int, default=5, help="searcher seeds per strategy (default 5)")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--data-dir", help=f"default: {REAL_SAMPLE} if present, else synthetic data")
+    p.add_argument("--synthetic", action="store_true", help="the embedded synthetic data even if the real sample is there")
     p.add_argument("--synthetic-n", type=int, default=1600, help="patches of the synthetic set when no real data")
     p.add_argument("--cache-dir")
     p.add_argument("--out", default="results/search_bench.png", help="PNG of held-out AUC vs budget")
@@ -196,7 +226,8 @@ def load_data(args):
     from datasets.cache import default_cache_root, prepare_dataset
     from datasets.synthetic import ensure_synthetic
 
-    data_dir = args.data_dir or (str(REAL_SAMPLE) if (REAL_SAMPLE / "train_labels.csv").is_file() else None)
+    data_dir = args.data_dir or (str(REAL_SAMPLE) if (REAL_SAMPLE / "train_labels.csv").is_file()
+                                 and not args.synthetic else None)
     if data_dir is None:  # the embedded generator, generated once under the cache root
         root = Path(args.cache_dir) if args.cache_dir else default_cache_root()
         data_dir = ensure_synthetic(root / "synthetic", n=args.synthetic_n, seed=0)
@@ -222,14 +253,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no per-search result boxes
     args = get_args_parser().parse_args(argv)
     import ray
-    from ray import tune
 
     cache, data_dir = load_data(args)
     holdout, pool = carve_holdout(cache, args.holdout)
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    trainable = tune.with_resources(
-        tune.with_parameters(bench_trainable, cache_path=str(cache.path), holdout_idx=holdout, pool_idx=pool),
-        {"cpu": 1})
     strategies = [s.strip() for s in args.strategies.split(",")]
     curves: dict[str, list] = {s: [] for s in strategies}
     t0 = time.perf_counter()
@@ -240,7 +267,7 @@ def main(argv=None) -> int:
         for seed in range(args.seeds):
             for s in strategies:
                 t = time.perf_counter()
-                curves[s].append(run_strategy(s, seed, args, trainable, storage))
+                curves[s].append(run_strategy(s, seed, args, storage, cache, pool, holdout))
                 c = curves[s][-1]
                 print(f"{s:15s} seed {seed}: incumbent val {c[-1][1]:.4f}, held-out {c[-1][2]:.4f} after "
                       f"{c[-1][0]} trial-epochs ({time.perf_counter() - t:.0f} s)", flush=True)
