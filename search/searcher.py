@@ -96,7 +96,9 @@ class FeedbackOptunaSearch(OptunaSearch):
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id not in self._ot_trials:  # never suggested by this searcher: nothing to tell
+            return None
+        if trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result, error)  # Ray's warning for a repeat
         outcome = decide(result, self._max_t, error=error, finished=True)
         tell(self._ot_study, self._ot_trials[trial_id], outcome, result)
