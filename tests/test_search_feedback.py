@@ -143,9 +143,10 @@ def test_ray_still_withholds_the_stop_result_from_on_trial_result(ray_local, tmp
 def test_time_budget_cut_trials_are_settled_not_left_running(ray_local, tmp_path):
     from ray.tune.experiment import Trial  # noqa: F401  (Ray's trial states are what summarize reads)
 
-    # Two trials at once, 4 epochs of 4 s each: a 14 s budget (counted from the Tuner's start) cuts them after
-    # epoch 1..3, whatever the trial start-up costs on a busy machine (up to 10 s).
-    grid, storage = _run(tmp_path, "budget", num_samples=2, time_budget_s=14, epoch_seconds=4.0, failures=False)
+    # Two trials at once; epoch 1 is reported at once, every later epoch takes 60 s: a 25 s budget (counted from
+    # the Tuner's start) cuts at least one of them after epoch 1 however long trial start-up takes on a busy
+    # machine (up to ~25 s). ASHA continues the first trial to reach rung 1, so one is cut by the budget.
+    grid, storage = _run(tmp_path, "budget", num_samples=2, time_budget_s=25, epoch_seconds=60.0, failures=False)
     summaries = report.summarize(grid, MAX_T, budget_hit=True,
                                  unfinished=report.unfinished_trials(str(tmp_path / "ray" / "budget")))
     searcher.settle_study(storage, "budget", {s.trial_id: (s.outcome, s.last_result) for s in summaries})
