@@ -141,7 +141,7 @@ def run_strategy(strategy: str, seed: int, args, storage: str, cache, pool_idx, 
     opts = SpaceOptions(max_epochs=args.max_epochs, seed=0)  # same training seed for every config
     define = define_by_run(space, resolve_backbones(space, opts), opts)
     define = functools.partial(_define_plus, define, {"max_train_samples": args.max_train_samples,
-                                                      "batch_size": args.batch_size})
+                                                      "batch_size": args.batch_size, "val_fraction": args.val_fraction})
     alg, scheduler, num_samples = make_strategy(strategy, seed, define, args)
     recorder = Recorder(args.budget)
     models_dir = Path(storage) / f"models-{strategy}-{seed}"
@@ -208,7 +208,8 @@ def get_args_parser():
     p.add_argument("--max-epochs", type=int, default=4)
     p.add_argument("--grace-period", type=int, default=1)
     p.add_argument("--reduction-factor", type=float, default=2)
-    p.add_argument("--max-train-samples", type=int, default=384, help="training patches per trial (speed)")
+    p.add_argument("--max-train-samples", type=int, default=192, help="training patches per trial (speed)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of the strategies' patches")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--holdout", type=float, default=0.25, help="fraction of labelled patches held out (default 0.25)")
     p.add_argument("--seeds", type=int, default=5, help="searcher seeds per strategy (default 5)")
