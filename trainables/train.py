@@ -281,8 +281,11 @@ def _epoch_seed(cfg: dict, epoch: int) -> int:
 
 def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None = None,
         epochs: int | None = None, on_epoch: Callable | None = None, resume: dict | None = None,
-        progress: bool = False):
+        progress: bool = False, stop_epoch: int | None = None):
     """Train ``config`` on ``train_idx`` (validating on ``val_idx`` when given).
+
+    The learning-rate schedule spans ``epochs`` (default ``config['epochs']``); ``stop_epoch`` ends
+    training after that epoch of it, e.g. a refit that follows a trial's schedule to its best epoch.
 
     ``on_epoch(metrics, state, predictions)`` is called after every epoch: ``state`` is the
     checkpoint dict (None when diverged), ``predictions`` = (labels, probs) or None. ``resume``
@@ -315,7 +318,8 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         history, start = list(resume["history"]), int(resume["epoch"]) + 1
-    for epoch in range(start, int(cfg["epochs"]) + 1):
+    last = min(int(cfg["epochs"]), int(stop_epoch or cfg["epochs"]))
+    for epoch in range(start, last + 1):
         torch.manual_seed(_epoch_seed(cfg, epoch))  # dropout masks too
         t0 = time.perf_counter()
         try:
@@ -341,7 +345,7 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
             preds = (ev.pop("labels"), ev.pop("probs"))
             metrics.update(ev)
         metrics.update(epoch_seconds=time.perf_counter() - t0, images_per_s=seen / train_s,
-                       trial_status="completed" if epoch == int(cfg["epochs"]) else "running")
+                       trial_status="completed" if epoch == last else "running")
         history.append(metrics)
         if "val_auc" in metrics:  # the objective so far: what ASHA compares at its rungs and TPE is told
             metrics["best_val_auc"], metrics["best_epoch"] = best_of(history)
