@@ -74,3 +74,18 @@ def test_bad_test_labels_file(tmp_path, text, match):
 def test_missing_test_labels_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
         sub.read_test_labels(tmp_path / "nope.csv", IDS)
+
+
+def test_probabilities_are_written_exactly_so_nothing_ties(tmp_path):
+    """Distinct float32 probabilities a hair apart near 0 and 1 stay distinct (%.6g made them tie) and read back exact."""
+    near_one = np.nextafter(np.float32(1), np.float32(0))
+    mid = np.float32(0.123456789)
+    probs = np.array([1e-7, np.nextafter(np.float32(1e-7), np.float32(1)), mid, np.nextafter(mid, np.float32(1)),
+                      near_one, np.nextafter(near_one, np.float32(0))], dtype=np.float32)
+    ids = np.array([f"p{i}" for i in range(len(probs))])
+    got = pd.read_csv(sub.write_submission(tmp_path / "s.csv", ids, probs))["label"].to_numpy()
+    assert len(np.unique(probs)) == len(probs) == len(np.unique(got))
+    np.testing.assert_array_equal(got.astype(np.float32), probs)
+    means = probs.astype(np.float64) / 3  # an ensemble's float64 average keeps its own precision
+    got = pd.read_csv(sub.write_submission(tmp_path / "e.csv", ids, means))["label"].to_numpy()
+    np.testing.assert_array_equal(got, means)
