@@ -3,7 +3,8 @@
     python -m search.predict --model results/NAME/model.pt --images DIR --out scores.csv
 
 Writes ``id,label`` (id = file name without .tif, label = tumour probability), sorted by id, with
-the mean of the 8 dihedral views by default (--no-tta for the plain view). Images are read and
+the mean of the 8 dihedral views by default (--no-tta for the plain view); an ensemble's model file
+(refit_best --folds/--top-k) gives the mean of its members, as in its submission. Images are read and
 checked by the datasets layer (96x96 RGB uint8), so a bad file stops with its name.
 """
 from __future__ import annotations
@@ -31,20 +32,21 @@ def tif_ids(images_dir: Path) -> list[str]:
 
 
 def score_folder(model_path: Path, images_dir: Path, tta: bool = True, batch_size: int = 256) -> tuple[list[str], np.ndarray]:
+    """Ids and probabilities of a folder's patches; an ensemble model file averages its members."""
     from datasets.images import read_patches
-    from trainables.train import load_model, predict_proba
+    from search.ensemble import load_ensemble
 
     if not Path(model_path).is_file():
         raise UserError(f"--model {model_path}: not found (train one with `python -m search.refit_best`)")
-    model, config = load_model(model_path)
+    model = load_ensemble(model_path)
     ids = tif_ids(images_dir)
     images = read_patches(images_dir, ids, progress=True)
-    return ids, predict_proba(model, images, config, tta=tta, batch_size=batch_size)
+    return ids, model.predict_proba(images, tta=tta, batch_size=batch_size)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m search.predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a model.pt written by search.refit_best (or trainables' save_model)")
+    p.add_argument("--model", required=True, help="a model.pt written by search.refit_best (one model or an ensemble) or trainables' save_model")
     p.add_argument("--images", required=True, help="folder of 96x96 RGB .tif patches")
     p.add_argument("--out", required=True, help="CSV to write (id,label)")
     p.add_argument("--no-tta", action="store_true", help="plain view only (default: mean of 8 dihedral views)")

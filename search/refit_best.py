@@ -1,17 +1,19 @@
 """Refit the best config of a search on all labelled data and write the Kaggle submission.
 
-    python -m search.refit_best [--name NAME] [--epochs N] [--no-tta] [--test-labels CSV]
+    python -m search.refit_best [--name NAME] [--folds K | --top-k K] [--epochs N] [--no-tta] [--test-labels CSV]
 
 1. the best trial of search NAME (default: the newest) from <results>/<NAME>/best_config.json;
-2. retrain its config on train + validation rows for the epoch count at which it peaked;
-3. predict the test split with 8-view TTA -> <results>/<NAME>/submission.csv (validated, atomic);
-4. save <results>/<NAME>/model.pt (atomic) and log an MLflow run under the search's experiment,
-   with the model registered as ``pcam-<NAME>``;
+2. retrain its config on train + validation rows along the trial's own schedule, stopped at its best
+   epoch; or, as an ensemble (search.ensemble), K folds of it (with an out-of-fold AUC) or the K best configs;
+3. predict the test split with 8-view TTA (averaged over the members) -> submission.csv;
+4. save model.pt and submission.csv in one version folder published atomically (search.refit_outputs)
+   and log an MLflow run under the search's experiment, with the model registered as ``pcam-<NAME>``
+   (search.registry: a pyfunc that averages the members, no pickle);
 5. with test labels (PCam HDF5 test split, --test-labels, or test_labels.csv beside
    sample_submission.csv) report the test AUC and log a ROC curve.
 
-Being killed at any point leaves the previous model.pt/submission.csv (or none) intact; running the
-command again redoes the refit and cleans up what the killed run left.
+Being killed at any point leaves the previous model.pt/submission.csv pair (or none) published; running
+the command again redoes the refit and cleans up what the killed run left.
 """
 from __future__ import annotations
 
@@ -20,18 +22,20 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from datasets.cache import pid_alive
 from datasets.errors import DataError, UserError, run_cli
+from search import refit_outputs
 from search import submission as sub
+from search.ensemble import Ensemble, Member, average, fit_members, fold_members, member_config, out_of_fold, top_k_members
+from search.refit_tracking import (epoch_reporter, log_member_metrics, log_outputs, member_run, mlflow_uri,
+                                   refit_mode, tracking_run)
 from search.report import write_json
 from search.run import results_root
 
-ROLE_TAG = "pcam_tune.role"  # as search.tracking's parent/trial runs; "refit" marks ours
-PID_TAG = "pcam_tune.pid"  # lets a later refit tell a killed run from a live one
 PREDICT_CHUNK = 4096  # test rows decoded from the memmap at a time (57k full test set would be 1.6 GB)
 
 
@@ -99,7 +103,7 @@ def _missing_search_message(results: Path, name: str) -> str:
 
 # ---------------------------------------------------------------- data
 def open_search_data(best: dict, cache_dir: str | None):
-    """The search's cache (reopened when still there, else rebuilt from its data_dir)."""
+    """The search's cache (reopened when still there, else rebuilt from its data_dir and slide map)."""
     from datasets.cache import open_cache, prepare_dataset
 
     cache_path = best.get("cache_path")
@@ -110,7 +114,9 @@ def open_search_data(best: dict, cache_dir: str | None):
             cache = None  # a stale/partial cache: rebuild it below
         if cache is not None and cache.fingerprint == best.get("data_fingerprint", cache.fingerprint):
             return cache
-    cache = prepare_dataset(data_dir=best.get("data_dir"), cache_dir=cache_dir, progress=True)
+    # The slide map the search used (None: the data dir's own slide_map.csv, if any): folds stay slide-grouped.
+    cache = prepare_dataset(data_dir=best.get("data_dir"), cache_dir=cache_dir, progress=True,
+                            slide_map=best.get("slide_map"))
     if best.get("data_fingerprint") and cache.fingerprint != best["data_fingerprint"]:
         print(f"warning: the data in {best.get('data_dir') or 'the synthetic set'} changed since the search "
               f"(fingerprint {cache.fingerprint[:12]} vs {best['data_fingerprint'][:12]}); refitting on the current data")
@@ -156,84 +162,151 @@ def find_test_labels(cache, test_idx: np.ndarray, ids: np.ndarray, arg: str | No
 
 
 # ---------------------------------------------------------------- main steps
+@dataclass
+class Fitted:
+    """What the training phase hands the output phase."""
+    ensemble: Ensemble
+    probs: np.ndarray | None  # test probabilities (None: no test split)
+    info: dict  # epochs, seed, members: for refit.json
+    oof: dict | None = None  # search.ensemble.out_of_fold's result (--folds)
+
+
 def refit(args) -> dict:
     results = results_root(args)
     best = find_best(results, args.name)
-    name = best["name"]
-    out_dir = results / name
-    for final in (out_dir / "model.pt", out_dir / "submission.csv", out_dir / "refit.json"):
-        for tmp in sub.clean_stale_tmp(final):
-            print(f"removed {tmp.name}, left by an interrupted refit")
+    out_dir = results / best["name"]
+    clean_killed_outputs(out_dir)
 
     cache = open_search_data(best, args.cache_dir)
     test_idx = cache.indices("test")
     ids = expected_test_ids(cache, test_idx) if len(test_idx) else None
+    test_rows = test_idx if ids is not None else None
     test_labels, labels_from = (None, None) if ids is None else find_test_labels(cache, test_idx, ids, args.test_labels)
-    train_idx = labelled_rows(cache)
-    config = refit_config(best, args)
-    n_train = 0 if args.from_checkpoint else min(len(train_idx), config["max_train_samples"] or len(train_idx))
+    members = [] if args.from_checkpoint else plan_members(best, cache, labelled_rows(cache), args)
+    n_train = len(np.unique(np.concatenate([m.train_rows for m in members]))) if members else 0
+    n_train = min(n_train, args.max_train_samples or n_train)
 
-    with tracking_run(best, args, config, n_train) as run:
-        if args.from_checkpoint:
-            model, config = checkpoint_model(best)
-        else:
-            print(f"refit {name!r}: trial {best.get('trial_id')} (val AUC {best['best_val_auc']:.4f} at epoch "
-                  f"{best['best_epoch']}) on {n_train:,} labelled patches for {config['epochs']} epoch(s), "
-                  f"seed {config['seed']}", flush=True)
-            model = train(config, cache, train_idx, run)
-        probs = None if ids is None else predict_test(model, cache, test_idx, config, not args.no_tta, args.batch_size)
-        summary = {"name": name, "trial_id": best.get("trial_id"), "from_checkpoint": bool(args.from_checkpoint),
-                   "epochs": config["epochs"], "seed": config["seed"], "tta": not args.no_tta,
-                   "n_train": int(n_train),
-                   "model": str(out_dir / "model.pt"), "submission": None, "test_auc": None,
-                   "test_labels": labels_from, "mlflow_run_id": run.info.run_id if run else None,
-                   "mlflow_tracking_uri": mlflow_uri() if run else None}
-        write_outputs(out_dir, model, config, ids, probs, summary)
-        if test_labels is not None:
-            summary["test_auc"] = report_test_auc(test_labels, probs, labels_from, run, out_dir)
-        if run is not None:
-            log_outputs(best, model, config, cache, test_idx if ids is not None else train_idx, summary)
-        write_json(out_dir / "refit.json", summary)
+    version = refit_outputs.new_version(out_dir)
+    try:
+        with tracking_run(best, args, members[0].config if members else best["config"], n_train, len(members)) as run:
+            summary = {"name": best["name"], "trial_id": best.get("trial_id"), "mode": refit_mode(args),
+                       "from_checkpoint": bool(args.from_checkpoint), "tta": not args.no_tta, "n_train": int(n_train),
+                       "model": str(out_dir / "model.pt"), "submission": None, "folder": str(version),
+                       "oof_auc": None, "test_auc": None, "test_labels": labels_from,
+                       "mlflow_run_id": run.info.run_id if run else None,
+                       "mlflow_tracking_uri": mlflow_uri() if run else None}
+            fitted = (checkpoint_model(best, cache, test_rows, args) if args.from_checkpoint
+                      else train_members(members, cache, test_rows, args, run, test_labels))
+            summary.update(fitted.info)
+            write_outputs(version, fitted, cache, ids, summary)
+            if test_labels is not None:
+                summary["test_auc"] = report_test_auc(test_labels, fitted.probs, labels_from, run, version)
+            write_json(version / "refit.json", summary)
+            refit_outputs.publish(out_dir, version)
+            print(f"published {version.name}: {out_dir / 'model.pt'}"
+                  + (f", {out_dir / 'submission.csv'}" if ids is not None else ""))
+            if run is not None:
+                example_rows = test_idx if len(test_idx) else labelled_rows(cache)
+                log_outputs(best, cache, example_rows, out_dir, summary)
+                write_json(version / "refit.json", summary)
+    except BaseException:
+        if refit_outputs.published(out_dir) != version.resolve():
+            refit_outputs.discard(version)  # never published: the previous refit stays as it was
+        raise
     return summary
 
 
-def mlflow_uri() -> str:
-    """The store the refit's run is in (read while the run is open: tracking_run restores the caller's on exit)."""
-    import mlflow
-
-    return mlflow.get_tracking_uri()
-
-
-def refit_config(best: dict, args) -> dict:
-    """The trial's config for the refit: the peak epoch count (or --epochs), every row, --seed."""
-    from trainables.train import resolve_config
-
-    config = dict(best["config"])
-    config["epochs"] = int(args.epochs or best["best_epoch"])
-    # A search may subsample for speed; the refit uses every labelled row unless told otherwise.
-    config["max_train_samples"] = args.max_train_samples
-    if args.seed is not None:
-        config["seed"] = args.seed
-    try:
-        return resolve_config(config)
-    except UserError as e:
-        raise UserError(f"{best['_path']}: {e}") from None
+def clean_killed_outputs(out_dir: Path) -> None:
+    """What an interrupted refit left: its unpublished version folder, temporaries of the older flat layout."""
+    if not out_dir.is_dir():
+        return
+    removed = refit_outputs.clean_stale(out_dir)
+    for entry in refit_outputs.ENTRIES:
+        removed += sub.clean_stale_tmp(out_dir / entry)
+    for path in removed:
+        print(f"removed {path.name}, left by an interrupted refit")
 
 
-def train(config: dict, cache, train_idx: np.ndarray, run):
+def plan_members(best: dict, cache, rows: np.ndarray, args) -> list[Member]:
+    """The networks to train: the best trial, K folds of it, or the K best configs of the search."""
+    def make(config, best_epoch, where):
+        return member_config(config, best_epoch, args.epochs, args.seed, args.max_train_samples, where)
+
+    if args.top_k:
+        return top_k_members(best, args.top_k, make, rows)
+    config, stop = make(best["config"], best["best_epoch"], best["_path"])
+    single = Member("refit", config, stop, rows, trial_id=best.get("trial_id"), search_val_auc=best.get("best_val_auc"))
+    if not args.folds:
+        return [single]
+    groups = None if cache.groups is None else cache.groups[rows]
+    print(f"{args.folds} folds of the {len(rows):,} labelled patches, "
+          + ("slide-grouped (no slide in two folds)" if groups is not None else
+             "stratified by patch (no slide map: patches of one slide may sit in two folds, so the out-of-fold "
+             "AUC can be optimistic)"))
+    return fold_members(single, cache.labels[rows], groups, args.folds)
+
+
+def train_members(members: list[Member], cache, test_rows, args, run, test_labels) -> Fitted:
+    """Train every member, predict the test rows (and each fold's held-out rows); average the members."""
+    member_runs: dict[str, str] = {}
+
+    def train_one(m: Member):
+        n = min(len(m.train_rows), m.config["max_train_samples"] or len(m.train_rows))
+        print(f"{'' if len(members) == 1 else f'member {members.index(m) + 1}/{len(members)}, {m.name}: '}"
+              f"trial {m.trial_id} (val AUC {m.search_val_auc:.4f} at epoch {m.stop_epoch}) on {n:,} labelled patches"
+              + (f", holding out {len(m.held_out_rows):,}" if len(m.held_out_rows) else "")
+              + f": epochs 1-{m.stop_epoch} of its {m.config['epochs']}-epoch schedule, seed {m.config['seed']}", flush=True)
+        with member_run(run, m, n, len(members)) as mrun:
+            if mrun is not None:
+                member_runs[m.name] = mrun.info.run_id
+            return train(m, cache, run is not None)
+
+    def predict_rows(net, m: Member, rows):
+        return predict_test(net, cache, rows, m.config, not args.no_tta, args.batch_size)
+
+    trained = fit_members(members, train_one, predict_rows, test_rows)
+    oof = out_of_fold(trained, lambda rows: cache.labels[rows]) if args.folds else None
+    info = {"epochs": members[0].stop_epoch, "schedule_epochs": members[0].config["epochs"],
+            "seed": members[0].config["seed"], "members": member_summaries(trained, test_labels, oof, member_runs)}
+    if oof is not None:
+        info.update(oof_auc=oof["oof_auc"], fold_aucs=oof["fold_aucs"])
+    log_member_metrics(run, info["members"])
+    return Fitted(Ensemble([(t.net, t.member.config) for t in trained], [t.member.name for t in trained]),
+                  None if test_rows is None else average([t.test_probs for t in trained]), info, oof)
+
+
+def member_summaries(trained, test_labels, oof: dict | None, member_runs: dict) -> list[dict]:
+    """One refit.json entry per member: what it trained on and how it scored on its own."""
+    from sklearn.metrics import roc_auc_score
+
+    out = []
+    for i, t in enumerate(trained):
+        m = t.member
+        two_classes = test_labels is not None and t.test_probs is not None and len(np.unique(test_labels)) == 2
+        out.append({"name": m.name, "trial_id": m.trial_id, "search_val_auc": m.search_val_auc,
+                    "epochs": m.stop_epoch, "schedule_epochs": m.config["epochs"], "seed": m.config["seed"],
+                    "n_train": int(min(len(m.train_rows), m.config["max_train_samples"] or len(m.train_rows))),
+                    "n_held_out": int(len(m.held_out_rows)),
+                    "held_out_auc": oof["fold_aucs"][i] if oof is not None else None,
+                    "test_auc": float(roc_auc_score(test_labels, t.test_probs)) if two_classes else None,
+                    "mlflow_run_id": member_runs.get(m.name)})
+    return out
+
+
+def train(m: Member, cache, log_to_mlflow: bool):
     from trainables.train import fit
 
-    model, history = fit(config, cache, train_idx, val_idx=None, epochs=config["epochs"],
-                         on_epoch=epoch_reporter(config["epochs"], run), progress=True)
+    model, history = fit(m.config, cache, m.train_rows, val_idx=None, on_epoch=epoch_reporter(m.stop_epoch, log_to_mlflow),
+                         progress=True, stop_epoch=m.stop_epoch)
     if history and history[-1].get("trial_status") == "diverged":
-        raise UserError(f"the refit diverged at epoch {history[-1]['epoch']} (non-finite loss), nothing written: "
-                        f"retry with another --seed, or rerun the search with a lower learning rate")
+        raise UserError(f"the refit ({m.name}) diverged at epoch {history[-1]['epoch']} (non-finite loss), nothing "
+                        f"written: retry with another --seed, or rerun the search with a lower learning rate")
     return model
 
 
-def checkpoint_model(best: dict) -> tuple:
+def checkpoint_model(best: dict, cache, test_rows, args) -> Fitted:
     """--from-checkpoint: the best trial's own weights (trained on the train split only), no refit."""
-    from trainables.models import build_model
+    from search.ensemble import network
     from trainables.train import load_checkpoint, CHECKPOINT_FILE
 
     folder = best.get("checkpoint_path")
@@ -241,36 +314,37 @@ def checkpoint_model(best: dict) -> tuple:
         raise UserError(f"the best trial's checkpoint {folder} is missing ({best['_path']}): "
                         f"refit without --from-checkpoint, or rerun `python -m search.run --name {best['name']}`")
     state = load_checkpoint(folder)
-    cfg = state["config"]
-    model = build_model(cfg["backbone"], pretrained=False, unfreeze_depth=cfg["unfreeze_depth"], dropout=cfg["dropout"])
-    model.load_state_dict(state["model"])
     print(f"using the best trial's checkpoint {folder} (epoch {state['epoch']}), no refit")
-    return model.eval(), cfg
+    net, cfg = network(state["config"], state["model"]), state["config"]
+    probs = None if test_rows is None else predict_test(net, cache, test_rows, cfg, not args.no_tta, args.batch_size)
+    return Fitted(Ensemble([(net, cfg)], ["checkpoint"]), probs,
+                  {"epochs": int(state["epoch"]), "seed": cfg["seed"], "members": []})
 
 
-def write_outputs(out_dir: Path, model, config, ids, probs, summary) -> None:
-    """model.pt and submission.csv, each written to a temporary, checked, then renamed into place.
-
-    The submission is validated before either file is touched, and the two renames run back to
-    back, so a kill leaves the previous pair (or nothing) - never a truncated file.
-    """
-    from trainables.train import save_model
-
-    model_path, submission_path = out_dir / "model.pt", out_dir / "submission.csv"
-    tmp_model = sub.atomic_path(model_path)
-    try:
-        save_model(tmp_model, model, config)
-        if ids is not None:
-            sub.write_submission(submission_path, ids, probs)
-            summary["submission"] = str(submission_path)
-        os.replace(tmp_model, model_path)
-    finally:
-        tmp_model.unlink(missing_ok=True)
-    if ids is None:
-        print("no test split in this data (no test/ + sample_submission.csv): wrote the model only")
+def write_outputs(version: Path, fitted: Fitted, cache, ids, summary) -> None:
+    """model.pt, submission.csv (validated) and, for folds, oof.csv into the unpublished version folder."""
+    fitted.ensemble.save(version / "model.pt")
+    if ids is not None:
+        sub.write_submission(version / "submission.csv", ids, fitted.probs)
+        summary["submission"] = str(version.parent / "submission.csv")
     else:
-        print(f"wrote {submission_path} ({len(ids):,} rows, TTA {'on' if summary['tta'] else 'off'})")
-    print(f"wrote {model_path}")
+        print("no test split in this data (no test/ + sample_submission.csv): wrote the model only")
+    if fitted.oof is not None:
+        write_oof(version / "oof.csv", fitted.oof, cache)
+        summary["oof"] = str(version.parent / "oof.csv")
+
+
+def write_oof(path: Path, oof: dict, cache) -> None:
+    """id,label,fold[,slide],prob of every labelled patch, each scored by the fold model that never trained on it."""
+    import pandas as pd
+
+    table = {"id": cache.ids[oof["rows"]], "label": oof["labels"], "fold": oof["fold"]}
+    if cache.groups is not None:
+        table["slide"] = cache.groups[oof["rows"]]
+    pd.DataFrame({**table, "prob": sub.exact_floats(oof["probs"])}).to_csv(path, index=False)
+    folds = ", ".join("n/a" if a is None else f"{a:.4f}" for a in oof["fold_aucs"])
+    print(f"out-of-fold AUC {oof['oof_auc']:.4f} on {len(oof['rows']):,} labelled patches (per fold: {folds}); "
+          f"each patch scored by the one model that never trained on it")
 
 
 def predict_test(model, cache, test_idx, config, tta: bool, batch_size: int) -> np.ndarray:
@@ -279,26 +353,12 @@ def predict_test(model, cache, test_idx, config, tta: bool, batch_size: int) -> 
     from trainables.train import predict_proba
 
     out = np.empty(len(test_idx), dtype=np.float32)
-    with tqdm(total=len(test_idx), desc="predict test", unit="img", leave=False) as bar:
+    with tqdm(total=len(test_idx), desc="predict", unit="img", leave=False) as bar:
         for start in range(0, len(test_idx), PREDICT_CHUNK):
             rows = test_idx[start:start + PREDICT_CHUNK]
             out[start:start + len(rows)] = predict_proba(model, cache.images[rows], config, tta=tta, batch_size=batch_size)
             bar.update(len(rows))
     return out
-
-
-def epoch_reporter(epochs: int, run):
-    """fit's on_epoch callback: a line per epoch on the console, the metrics into the refit's MLflow run."""
-    def on_epoch(metrics: dict, state, predictions) -> None:
-        epoch = int(metrics.get("epoch", 0))
-        print(f"epoch {epoch}/{epochs}  train_loss {metrics.get('train_loss', float('nan')):.4f}  "
-              f"lr {metrics.get('lr', float('nan')):.3g}  {metrics.get('epoch_seconds', 0):.1f}s  "
-              f"{metrics.get('images_per_s', 0):.0f} img/s", flush=True)
-        if run is not None:
-            import mlflow
-            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}
-            mlflow.log_metrics(numeric, step=epoch)
-    return on_epoch
 
 
 def report_test_auc(labels, probs, labels_from, run, out_dir: Path) -> float | None:
@@ -321,102 +381,17 @@ def report_test_auc(labels, probs, labels_from, run, out_dir: Path) -> float | N
     return auc
 
 
-# ---------------------------------------------------------------- MLflow
-class tracking_run:
-    """Context manager: the refit's MLflow run (None with --no-mlflow), ended FAILED/KILLED on error."""
-
-    def __init__(self, best, args, config, n_train):
-        self.best, self.args, self.config, self.n_train = best, args, config, n_train
-        self.run = None
-
-    def __enter__(self):
-        if self.args.no_mlflow:
-            return None
-        import mlflow
-        from search.tracking import client, default_tracking_uri, experiment_id
-
-        # The search's store unless told otherwise: the refit run sits beside the trials it came from.
-        uri = self.args.tracking_uri or self.best.get("tracking_uri") or default_tracking_uri(results_root(self.args))
-        # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI: put the caller's back on exit, so a later
-        # search in the same process (a notebook, the tests) does not silently log into this store.
-        self._caller_uri = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        exp_id = experiment_id(client(uri), self.best.get("mlflow_experiment") or self.best["name"])
-        close_killed_refits(client(uri), exp_id)
-        tags = {ROLE_TAG: "refit", PID_TAG: str(os.getpid()), "pcam_tune.search": self.best["name"],
-                "pcam_tune.source_trial": str(self.best.get("trial_id"))}
-        if self.best.get("child_run_id"):
-            tags["pcam_tune.source_run_id"] = self.best["child_run_id"]
-        self.run = mlflow.start_run(experiment_id=exp_id, run_name=f"{self.best['name']} (refit)", tags=tags)
-        mlflow.log_params({**{k: "None" if v is None else v for k, v in self.config.items()},
-                           "n_train": self.n_train, "tta": not self.args.no_tta,
-                           "search_best_val_auc": self.best.get("best_val_auc"),
-                           "search_best_epoch": self.best.get("best_epoch")})
-        print(f"MLflow: run {self.run.info.run_id} in experiment {self.best.get('mlflow_experiment') or self.best['name']!r} at {uri}")
-        return self.run
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.run is not None:
-            import mlflow
-            mlflow.end_run("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
-            mlflow.set_tracking_uri(self._caller_uri)
-        return False
-
-
-def close_killed_refits(mlf, exp_id: str) -> None:
-    """Mark refit runs of dead processes (SIGKILL, power loss) KILLED, so the UI does not show them running."""
-    runs = mlf.search_runs([exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'refit' and attributes.status = 'RUNNING'")
-    for r in runs:
-        pid = r.data.tags.get(PID_TAG, "")
-        if not (pid.isdigit() and pid_alive(int(pid))):
-            mlf.set_terminated(r.info.run_id, status="KILLED")
-
-
-def log_outputs(best, model, config, cache, example_rows, summary) -> None:
-    """The submission and the model (registered as pcam-<name>) into the refit's run."""
-    import mlflow
-
-    if summary["submission"]:
-        mlflow.log_artifact(summary["submission"])
-    # From the CPU: a CUDA-pickled model would not load on a machine without a GPU. "pickle", not
-    # MLflow 3's default "pt2": a torch.export graph cannot be switched to eval mode or driven by
-    # predict_proba's 8-view TTA, and the registered model must reproduce the submission. Loading it
-    # needs pcam-tune importable (the network's classes live in trainables.models).
-    info = mlflow.pytorch.log_model(
-        model.to("cpu").eval(), name="model", registered_model_name=f"pcam-{best['name']}",
-        input_example=model_input_example(cache, example_rows[:4], config),
-        serialization_format="pickle", pip_requirements=pinned_requirements(),
-    )
-    summary["registered_model"] = f"pcam-{best['name']}"
-    summary["registered_version"] = getattr(info, "registered_model_version", None)
-    summary["model_uri"] = info.model_uri
-    mlflow.log_dict(summary, "refit.json")
-
-
-def pinned_requirements() -> list[str]:
-    """The model's pip requirements, given so MLflow skips its slow (~20 s) inference subprocess."""
-    from importlib.metadata import version
-
-    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in ("torch", "torchvision", "numpy", "mlflow")]
-
-
-def model_input_example(cache, rows, config) -> np.ndarray:
-    """A few real patches as the network takes them: uint8 NHWC -> float32 NCHW in [0, 1].
-
-    The network normalises internally (trainables.models.PcamNet), so this is the whole contract
-    of the registered model: logits out; sigmoid (and the 8-view mean) as in predict_proba.
-    """
-    import torch
-    from trainables.train import to_input
-
-    return to_input(torch.from_numpy(np.ascontiguousarray(cache.images[np.asarray(rows)])), config, aug=False).numpy()
-
-
 # ---------------------------------------------------------------- CLI
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m search.refit_best", description=__doc__.split("\n\n")[0])
     p.add_argument("--name", help="search name (default: the most recent search under the results folder)")
-    p.add_argument("--epochs", type=int, help="epochs to train (default: the epoch at which the best trial peaked)")
+    p.add_argument("--folds", type=int, metavar="K",
+                   help="ensemble: K models of the best config on K folds of the labelled data (slide-grouped when "
+                        "the slides are known), with an out-of-fold AUC; the submission averages them")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help="ensemble: the K best distinct configs of the search, each on all labelled data, averaged")
+    p.add_argument("--epochs", type=int,
+                   help="stop after this epoch of the trial's schedule (default: the epoch at which the trial peaked)")
     p.add_argument("--no-tta", action="store_true", help="predict the plain view only (default: mean of 8 dihedral views)")
     p.add_argument("--test-labels", metavar="CSV", help="id,label file of the test patches: report test AUC and a ROC curve")
     p.add_argument("--results-dir", help="results root (default $PCAM_TUNE_RESULTS or ./results)")
@@ -432,14 +407,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-@run_cli
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    args = get_args_parser().parse_args(argv)
+def check_args(args) -> None:
     for option in ("epochs", "max_train_samples", "batch_size"):
         value = getattr(args, option)
         if value is not None and value < 1:
             raise UserError(f"--{option.replace('_', '-')} {value}: must be at least 1")
+    if args.folds is not None and args.top_k is not None:
+        raise UserError("--folds and --top-k: choose one (K folds of the best config, or the K best configs)")
+    if args.from_checkpoint and (args.folds is not None or args.top_k is not None):
+        raise UserError("--from-checkpoint uses the one trial checkpoint: it cannot be combined with --folds or --top-k")
+
+
+@run_cli
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
     t0 = time.perf_counter()
     summary = refit(args)
     print(f"refit done in {time.perf_counter() - t0:.0f}s")

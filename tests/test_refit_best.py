@@ -8,12 +8,14 @@ with a model registry.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +67,31 @@ def run_refit(tiny, *extra: str) -> int:
     return refit_best.main(["--results-dir", str(tiny["results"]), *extra])
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def refitted(tiny):
-    """One refit (newest search, so no --name) shared by the checks below."""
+    """One refit (newest search, so no --name) shared by the checks below; MLflow's warnings recorded."""
     torch.set_num_threads(1)
-    assert run_refit(tiny) == 0
+    records = _Records()
+    logging.getLogger("mlflow").addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert run_refit(tiny) == 0
+    finally:
+        logging.getLogger("mlflow").removeHandler(records)
     out = tiny["results"] / NAME
     return {**tiny, "submission": out / "submission.csv", "model": out / "model.pt",
-            "summary": json.loads((out / "refit.json").read_text())}
+            "summary": json.loads((out / "refit.json").read_text()),
+            "warnings": records.messages + [str(w.message) for w in caught]}
 
 
 def test_refit_reports_the_search_store_not_the_process_default(refitted):
@@ -97,7 +116,7 @@ def test_submission_matches_sample_submission(refitted):
 def test_refit_trains_on_all_labelled_rows_for_the_peak_epoch_count(refitted):
     s = refitted["summary"]
     cache = refitted["cache"]
-    assert s["epochs"] == 2  # best_epoch of best_config.json
+    assert s["epochs"] == 2 and s["schedule_epochs"] == 3  # best_epoch of best_config.json, of the trial's 3-epoch schedule
     assert s["n_train"] == int(((cache.split != "test") & (cache.labels >= 0)).sum())
     # test_labels.csv beside sample_submission.csv is picked up: the refit reports a test AUC
     assert s["test_auc"] is not None and 0.5 < s["test_auc"] <= 1.0
@@ -105,29 +124,58 @@ def test_refit_trains_on_all_labelled_rows_for_the_peak_epoch_count(refitted):
     assert (refitted["results"] / NAME / "test_roc_curve.png").stat().st_size > 1000
 
 
-def test_model_pt_round_trip_reproduces_the_submission(refitted):
+def test_refit_follows_the_trials_schedule_and_stops_at_its_best_epoch(refitted):
+    """The refit's weights are those a 3-epoch run of the trial's config has after epoch 2 (same rows, same seed):
+    the learning-rate path the search validated, not a 2-epoch schedule squeezed into the best epoch count."""
+    from trainables.train import fit
+
+    cache = refitted["cache"]
+    rows = np.flatnonzero((cache.split != "test") & (cache.labels >= 0))
+    at_epoch = {}
+
+    def keep(metrics, state, preds):
+        at_epoch[metrics["epoch"]] = ({k: v.detach().clone() for k, v in state["model"].items()}, metrics["lr"])
+
+    fit(CONFIG, cache, rows, on_epoch=keep)  # CONFIG["epochs"] == 3: the trial's horizon
+    refit_model, _ = load_model(refitted["model"])
+    refit_state = refit_model.state_dict()
+    for k, v in at_epoch[2][0].items():
+        assert torch.equal(refit_state[k].cpu(), v.cpu()), k
+    assert any(not torch.equal(refit_state[k].cpu(), v.cpu()) for k, v in at_epoch[3][0].items())  # epoch 3 moves on
+    import mlflow
+    lr = mlflow.MlflowClient(refitted["uri"]).get_metric_history(refitted["summary"]["mlflow_run_id"], "lr")
+    assert [m.step for m in lr] == [1, 2] and lr[-1].value == pytest.approx(at_epoch[2][1])
+    assert lr[-1].value > 0.2 * CONFIG["lr"]  # mid-schedule; a squeezed 2-epoch cosine would end near 0
+
+
+def test_model_pt_round_trip_reproduces_the_submission_exactly(refitted):
     state = torch.load(refitted["model"], weights_only=True)  # plain tensors/containers only
     assert isinstance(state, dict)
     model, config = load_model(refitted["model"])
-    assert config["backbone"] == "baseline" and config["epochs"] == 2
+    assert config["backbone"] == "baseline" and config["epochs"] == 3  # the schedule's horizon; it stopped at 2
     cache = refitted["cache"]
     probs = predict_proba(model, cache.images[cache.indices("test")], config, tta=True)
     sub = pd.read_csv(refitted["submission"])
-    np.testing.assert_allclose(probs, sub["label"].to_numpy(), rtol=1e-4, atol=1e-6)
+    # written with repr: every float32 probability reads back as itself (no ties from rounding)
+    np.testing.assert_array_equal(sub["label"].to_numpy().astype(np.float32), probs)
 
 
-def test_registered_mlflow_model_reproduces_the_submission(refitted):
+def test_registered_model_is_a_pickle_free_pyfunc_that_reproduces_the_submission(refitted, monkeypatch):
     import mlflow
 
     s = refitted["summary"]
     assert s["registered_model"] == f"pcam-{NAME}"
     mlflow.set_tracking_uri(refitted["uri"])
-    loaded = mlflow.pytorch.load_model(f"models:/pcam-{NAME}/{s['registered_version']}")
-    _, config = load_model(refitted["model"])
+    # MLflow refuses every pickle (its PyTorch pickle flavour, cloudpickled python models) with this set
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    loaded = mlflow.pyfunc.load_model(f"models:/pcam-{NAME}/{s['registered_version']}")
     cache = refitted["cache"]
-    probs = predict_proba(loaded, cache.images[cache.indices("test")], config, tta=True)
+    probs = loaded.predict(np.ascontiguousarray(cache.images[cache.indices("test")]))
     sub = pd.read_csv(refitted["submission"])
-    np.testing.assert_allclose(probs, sub["label"].to_numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(probs).astype(np.float32), sub["label"].to_numpy().astype(np.float32))
+    plain = loaded.predict(np.ascontiguousarray(cache.images[cache.indices("test")[:5]]), params={"tta": False})
+    model, config = load_model(refitted["model"])
+    np.testing.assert_array_equal(plain, predict_proba(model, cache.images[cache.indices("test")[:5]], config, tta=False))
 
     run = mlflow.get_run(s["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -137,6 +185,21 @@ def test_registered_mlflow_model_reproduces_the_submission(refitted):
     assert {"submission.csv", "test_roc_curve.png"} <= artifacts
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2]  # one point per epoch
+
+
+def test_refit_saves_no_pickle(refitted):
+    """No MLflow pickle flavour: the logged model is code (search/mlflow_model.py) plus model.pt, and MLflow
+    has nothing to warn about (it warned "Saving pytorch model by Pickle ..." on every refit before)."""
+    import mlflow
+
+    assert not [m for m in refitted["warnings"] if "pickle" in m.lower()], refitted["warnings"]
+
+    s = refitted["summary"]
+    mlflow.set_tracking_uri(refitted["uri"])
+    local = Path(mlflow.artifacts.download_artifacts(s["model_uri"]))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert "mlflow_model.py" in files and any(f.endswith("model.pt") for f in files)
+    assert not [f for f in files if f.endswith((".pkl", ".pickle"))] and "data/model.pth" not in files
 
 
 def test_predict_cli_scores_a_folder_of_tifs(refitted, tmp_path, capsys):
@@ -173,7 +236,7 @@ def test_no_tta_and_seed_and_epochs_options(tiny, tmp_path):
     s = json.loads((results / "opts" / "refit.json").read_text())
     assert s["epochs"] == 1 and s["tta"] is False and s["mlflow_run_id"] is None
     _, config = load_model(results / "opts" / "model.pt")
-    assert config["seed"] == 7
+    assert config["seed"] == 7 and config["epochs"] == 3  # --epochs moves the stop, not the trial's schedule
 
 
 # ---------------------------------------------------------------- one-line errors
@@ -294,3 +357,109 @@ def test_error_from_checkpoint_without_checkpoint(tiny, tmp_path, capsys):
     write_best_config(tmp_path, "gone", tiny["cache"], tiny["uri"], checkpoint_path=str(tmp_path / "nope"))
     err = _error(capsys, ["--results-dir", str(tmp_path), "--name", "gone", "--from-checkpoint", "--no-mlflow"])
     assert "checkpoint" in err and "is missing" in err and "without --from-checkpoint" in err
+
+
+# ---------------------------------------------------------------- --folds: an ensemble with an out-of-fold AUC
+@pytest.fixture(scope="module")
+def folded(tiny):
+    """--folds 3 of the tiny search (its synthetic data carries a slide map, so folds are by slide)."""
+    torch.set_num_threads(1)
+    results = tiny["root"] / "folds-results"
+    write_best_config(results, "folds", tiny["cache"], tiny["uri"])
+    assert refit_best.main(["--results-dir", str(results), "--name", "folds", "--folds", "3"]) == 0
+    out = results / "folds"
+    return {**tiny, "out": out, "summary": json.loads((out / "refit.json").read_text())}
+
+
+def test_folds_are_slide_disjoint_and_the_oof_auc_comes_from_held_out_predictions(folded):
+    from sklearn.metrics import roc_auc_score
+
+    cache, s = folded["cache"], folded["summary"]
+    labelled = (cache.split != "test") & (cache.labels >= 0)
+    oof = pd.read_csv(folded["out"] / "oof.csv", dtype={"id": str, "slide": str})
+    assert sorted(oof["id"]) == sorted(cache.ids[labelled]) and oof["id"].is_unique  # every labelled patch, once
+    assert oof.groupby("slide")["fold"].nunique().max() == 1  # no slide in two folds
+    by_id = dict(zip(cache.ids, cache.groups))
+    assert (oof["slide"] == oof["id"].map(by_id)).all()
+    assert s["mode"] == "folds=3" and s["oof_auc"] == pytest.approx(roc_auc_score(oof["label"], oof["prob"]))
+    assert len(s["members"]) == 3 and s["oof"] == str(folded["out"] / "oof.csv")
+    for i, m in enumerate(s["members"], 1):
+        assert m["n_held_out"] == (oof["fold"] == i).sum() and m["n_train"] + m["n_held_out"] == labelled.sum()
+        held = oof[oof["fold"] == i]
+        assert m["held_out_auc"] == pytest.approx(roc_auc_score(held["label"], held["prob"]))
+        assert m["epochs"] == 2 and m["schedule_epochs"] == 3
+
+
+def test_fold_members_held_out_predictions_are_their_own(folded):
+    """Each fold's oof.csv scores are what that fold's network, which never saw those rows, predicts for them."""
+    from search.ensemble import load_ensemble
+
+    cache = folded["cache"]
+    ensemble = load_ensemble(folded["out"] / "model.pt")
+    oof = pd.read_csv(folded["out"] / "oof.csv", dtype={"id": str})
+    row_of = {i: r for r, i in enumerate(cache.ids)}
+    for i, (net, config) in enumerate(ensemble.members, 1):
+        held = oof[oof["fold"] == i]
+        probs = predict_proba(net, cache.images[[row_of[x] for x in held["id"]]], config, tta=True)
+        np.testing.assert_allclose(held["prob"].to_numpy(), probs, rtol=1e-5, atol=1e-7)
+
+
+def test_ensemble_model_file_registered_model_and_predict_match_the_submission(folded, tmp_path, monkeypatch):
+    import mlflow
+    from search.ensemble import ENSEMBLE_FORMAT, load_ensemble
+
+    cache, s = folded["cache"], folded["summary"]
+    test_images = np.ascontiguousarray(cache.images[cache.indices("test")])
+    submission = pd.read_csv(folded["out"] / "submission.csv", dtype={"id": str})
+    blob = torch.load(folded["out"] / "model.pt", weights_only=True)
+    assert blob["format"] == ENSEMBLE_FORMAT and [m["name"] for m in blob["members"]] == ["fold 1/3", "fold 2/3", "fold 3/3"]
+
+    ensemble = load_ensemble(folded["out"] / "model.pt")
+    np.testing.assert_array_equal(ensemble.predict_proba(test_images), submission["label"].to_numpy())
+    alone = [predict_proba(net, test_images, cfg) for net, cfg in ensemble.members]
+    np.testing.assert_allclose(np.mean(alone, axis=0), submission["label"].to_numpy(), rtol=1e-6)
+    assert all(np.abs(a - submission["label"].to_numpy()).max() > 1e-4 for a in alone)  # the mean, not one member
+
+    mlflow.set_tracking_uri(folded["uri"])
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    served = mlflow.pyfunc.load_model(f"models:/pcam-folds/{s['registered_version']}")
+    np.testing.assert_array_equal(served.predict(test_images), submission["label"].to_numpy())
+
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    chosen = sorted((folded["data_dir"] / "test").glob("*.tif"))[:7]
+    for f in chosen:
+        shutil.copy(f, folder / f.name)
+    assert predict.main(["--model", str(folded["out"] / "model.pt"), "--images", str(folder), "--out", str(tmp_path / "o.csv")]) == 0
+    got = pd.read_csv(tmp_path / "o.csv", dtype={"id": str})
+    expected = submission.set_index("id").loc[got["id"], "label"].to_numpy()
+    np.testing.assert_allclose(got["label"].to_numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fold_members_have_nested_mlflow_runs(folded):
+    import mlflow
+
+    s = folded["summary"]
+    client = mlflow.MlflowClient(folded["uri"])
+    parent = client.get_run(s["mlflow_run_id"])
+    assert parent.data.params["refit_mode"] == "folds=3" and parent.data.params["members"] == "3"
+    assert parent.data.metrics["oof_auc"] == pytest.approx(s["oof_auc"]) and "test_auc" in parent.data.metrics
+    for m in s["members"]:
+        run = client.get_run(m["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"
+        assert run.data.tags["pcam_tune.role"] == "refit-member" and run.data.tags["pcam_tune.member"] == m["name"]
+        assert run.data.params["n_held_out"] == str(m["n_held_out"]) and run.data.params["stop_epoch"] == "2"
+        assert [h.step for h in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+        assert run.data.metrics["held_out_auc"] == pytest.approx(m["held_out_auc"])
+        assert run.data.metrics["test_auc"] == pytest.approx(m["test_auc"])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--folds", "3", "--top-k", "2"], "choose one"),
+    (["--folds", "1"], "at least 2 folds"),
+    (["--folds", "3", "--from-checkpoint"], "cannot be combined"),
+    (["--top-k", "2"], "leaderboard.csv"),  # the tiny search has no leaderboard / Ray experiment
+])
+def test_error_bad_ensemble_options(tiny, capsys, argv, match):
+    err = _error(capsys, ["--results-dir", str(tiny["results"]), "--name", NAME, "--no-mlflow", *argv])
+    assert match in err

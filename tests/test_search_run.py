@@ -266,3 +266,40 @@ def test_errored_and_diverged_trials_are_recorded_and_the_search_goes_on(ray_ses
     assert tags[3e-3] == ("FINISHED", "completed", "")
     assert tags[1e30] == ("FAILED", "diverged at epoch 1", "")
     assert tags[-1.0][0] == "FAILED" and tags[-1.0][1] == by_lr[-1.0].status and "learning rate" in tags[-1.0][2].lower()
+
+
+def test_top_k_refit_averages_the_best_distinct_configs_of_the_search(smoke_search, monkeypatch):
+    """refit_best --top-k 2 on this real search: ranks from its leaderboard, full configs from its Ray experiment."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from datasets.cache import open_cache
+    from search import refit_best
+    from search.ensemble import ENSEMBLE_FORMAT, load_ensemble
+
+    results, record = smoke_search
+    board = pd.read_csv(results / "smoke-test" / "leaderboard.csv", dtype={"trial_id": str})
+    usable = board[~board["status"].str.startswith(("diverged", "errored"))].head(2)
+    assert len(usable) == 2, board  # seed 3: the search yields two healthy trials
+    torch.set_num_threads(1)
+    assert refit_best.main(["--results-dir", str(results), "--name", "smoke-test", "--top-k", "2"]) == 0
+    s = json.loads((results / "smoke-test" / "refit.json").read_text())
+    assert s["mode"] == "top-k=2" and [m["trial_id"] for m in s["members"]] == list(usable["trial_id"])
+    assert [m["epochs"] for m in s["members"]] == list(usable["best_epoch"])  # each stops at its own best epoch
+    assert all(m["schedule_epochs"] == 2 for m in s["members"])  # along the search's 2-epoch schedule
+
+    blob = torch.load(results / "smoke-test" / "model.pt", weights_only=True)
+    assert blob["format"] == ENSEMBLE_FORMAT
+    lrs = dict(zip(board["trial_id"], board["lr"]))
+    assert [m["config"]["lr"] for m in blob["members"]] == pytest.approx([lrs[t] for t in usable["trial_id"]], rel=1e-3)
+    assert all(m["config"]["max_train_samples"] is None for m in blob["members"])  # all labelled rows, not the search's 256
+
+    cache = open_cache(record["cache_path"])
+    images = np.ascontiguousarray(cache.images[cache.indices("test")])
+    submission = pd.read_csv(results / "smoke-test" / "submission.csv")["label"].to_numpy()
+    np.testing.assert_array_equal(load_ensemble(results / "smoke-test" / "model.pt").predict_proba(images), submission)
+    mlflow.set_tracking_uri(record["tracking_uri"])
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    served = mlflow.pyfunc.load_model(f"models:/pcam-smoke-test/{s['registered_version']}")
+    np.testing.assert_array_equal(served.predict(images), submission)
