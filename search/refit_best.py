@@ -36,7 +36,7 @@ from search.refit_tracking import (epoch_reporter, log_member_metrics, log_outpu
 from search.report import write_json
 from search.run import results_root
 
-PREDICT_CHUNK = 4096  # test rows decoded from the memmap at a time (57k full test set would be 1.6 GB)
+PREDICT_CHUNK = 4096  # rows decoded from the memmap at a time (57k full test set would be 1.6 GB)
 
 
 # ---------------------------------------------------------------- finding the search
@@ -262,7 +262,7 @@ def train_members(members: list[Member], cache, test_rows, args, run, test_label
             return train(m, cache, run is not None)
 
     def predict_rows(net, m: Member, rows):
-        return predict_test(net, cache, rows, m.config, not args.no_tta, args.batch_size)
+        return predict_cache_rows(net, cache, rows, m.config, not args.no_tta, args.batch_size)
 
     trained = fit_members(members, train_one, predict_rows, test_rows)
     oof = out_of_fold(trained, lambda rows: cache.labels[rows]) if args.folds else None
@@ -316,7 +316,7 @@ def checkpoint_model(best: dict, cache, test_rows, args) -> Fitted:
     state = load_checkpoint(folder)
     print(f"using the best trial's checkpoint {folder} (epoch {state['epoch']}), no refit")
     net, cfg = network(state["config"], state["model"]), state["config"]
-    probs = None if test_rows is None else predict_test(net, cache, test_rows, cfg, not args.no_tta, args.batch_size)
+    probs = None if test_rows is None else predict_cache_rows(net, cache, test_rows, cfg, not args.no_tta, args.batch_size)
     return Fitted(Ensemble([(net, cfg)], ["checkpoint"]), probs,
                   {"epochs": int(state["epoch"]), "seed": cfg["seed"], "members": []})
 
@@ -347,17 +347,17 @@ def write_oof(path: Path, oof: dict, cache) -> None:
           f"each patch scored by the one model that never trained on it")
 
 
-def predict_test(model, cache, test_idx, config, tta: bool, batch_size: int) -> np.ndarray:
-    """TTA probabilities of the test rows, read from the memmap a chunk at a time."""
+def predict_cache_rows(model, cache, rows, config, tta: bool, batch_size: int) -> np.ndarray:
+    """TTA probabilities of cache rows (test or held-out), read from the memmap a chunk at a time."""
     from tqdm.auto import tqdm
     from trainables.train import predict_proba
 
-    out = np.empty(len(test_idx), dtype=np.float32)
-    with tqdm(total=len(test_idx), desc="predict", unit="img", leave=False) as bar:
-        for start in range(0, len(test_idx), PREDICT_CHUNK):
-            rows = test_idx[start:start + PREDICT_CHUNK]
-            out[start:start + len(rows)] = predict_proba(model, cache.images[rows], config, tta=tta, batch_size=batch_size)
-            bar.update(len(rows))
+    out = np.empty(len(rows), dtype=np.float32)
+    with tqdm(total=len(rows), desc="predict", unit="img", leave=False) as bar:
+        for start in range(0, len(rows), PREDICT_CHUNK):
+            chunk = rows[start:start + PREDICT_CHUNK]
+            out[start:start + len(chunk)] = predict_proba(model, cache.images[chunk], config, tta=tta, batch_size=batch_size)
+            bar.update(len(chunk))
     return out
 
 
