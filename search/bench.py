@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import tempfile
 import time
@@ -30,6 +31,7 @@ import numpy as np
 from ray.tune import Stopper
 
 from datasets.errors import run_cli
+from search.report import write_json
 
 STRATEGIES = ("random", "random_asha", "tpe_asha_stock", "tpe_asha")
 REAL_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "pcam_sample"
@@ -219,7 +221,8 @@ def get_args_parser():
     p.add_argument("--synthetic", action="store_true", help="the embedded synthetic data even if the real sample is there")
     p.add_argument("--synthetic-n", type=int, default=1600, help="patches of the synthetic set when no real data")
     p.add_argument("--cache-dir")
-    p.add_argument("--out", default="results/search_bench.png", help="PNG of held-out AUC vs budget")
+    p.add_argument("--out", default="results/search_bench.png", help="PNG of held-out AUC vs budget; the curves "
+                   "go to the same name .json after every search, and a rerun with the same settings continues")
     return p
 
 
@@ -259,6 +262,14 @@ def main(argv=None) -> int:
     holdout, pool = carve_holdout(cache, args.holdout)
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     strategies = [s.strip() for s in args.strategies.split(",")]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    saved = out.with_suffix(".json")
+    settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "strategies", "out")}
+    settings["data_dir"] = str(data_dir)
+    done = json.loads(saved.read_text()) if saved.is_file() else {}
+    if done.get("settings") != settings:  # other settings: start afresh
+        done = {"settings": settings, "curves": {}}
     curves: dict[str, list] = {s: [] for s in strategies}
     t0 = time.perf_counter()
     print(f"data {data_dir}: {len(pool)} patches for the strategies (<= {args.max_train_samples} trained per trial), "
@@ -268,7 +279,11 @@ def main(argv=None) -> int:
         for seed in range(args.seeds):
             for s in strategies:
                 t = time.perf_counter()
-                curves[s].append(run_strategy(s, seed, args, storage, cache, pool, holdout))
+                key = f"{s}/{seed}"
+                if key not in done["curves"]:  # a long bench survives an interruption: finished searches are kept
+                    done["curves"][key] = run_strategy(s, seed, args, storage, cache, pool, holdout)
+                    write_json(saved, done)
+                curves[s].append([tuple(p) for p in done["curves"][key]])
                 c = curves[s][-1]
                 print(f"{s:15s} seed {seed}: incumbent val {c[-1][1]:.4f}, held-out {c[-1][2]:.4f} after "
                       f"{c[-1][0]} trial-epochs ({time.perf_counter() - t:.0f} s)", flush=True)
@@ -286,8 +301,6 @@ def main(argv=None) -> int:
         got = [r for r in reach if r is not None]
         print(f"\ntpe_asha reached random search's final mean held-out AUC ({target:.4f}) in {len(got)}/{len(reach)} "
               f"seeds; budget needed: {sorted(got)} of {args.budget} (target: <= {args.budget / 3:.0f})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     plot(curves, args.budget, out, f"{args.space} space, {Path(str(data_dir)).name}, {args.seeds} seeds")
     print(f"wrote {out}  (total {time.perf_counter() - t0:.0f} s)")
     return 0
