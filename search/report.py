@@ -122,7 +122,10 @@ def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
             v = s.config.get(k)
             row[k] = float(f"{v:.4g}") if isinstance(v, float) else v
         rows.append(row)
-    return pd.DataFrame(rows)
+    board = pd.DataFrame(rows)
+    if len(board):
+        board["stopped_at_rung"] = board["stopped_at_rung"].astype("Int64")  # an epoch, or <NA>: not 1.0 / NaN
+    return board
 
 
 def format_leaderboard(board: pd.DataFrame, top_k: int = TOP_K) -> str:
