@@ -76,7 +76,7 @@ def cross_check(best: dict) -> None:
     has not finished yet. Reads the experiment's files (ExperimentAnalysis); no Ray cluster starts.
     """
     exp = best.get("experiment_path")
-    if not exp or "://" in str(exp) or not Path(exp).is_dir():
+    if not exp or ("://" not in str(exp) and not Path(exp).is_dir()):
         return
     from ray.tune import ExperimentAnalysis
 
@@ -307,13 +307,18 @@ def train(m: Member, cache, log_to_mlflow: bool):
 def checkpoint_model(best: dict, cache, test_rows, args) -> Fitted:
     """--from-checkpoint: the best trial's own weights (trained on the train split only), no refit."""
     from search.ensemble import network
+    from search.storage import local_checkpoint
     from trainables.train import load_checkpoint, CHECKPOINT_FILE
 
     folder = best.get("checkpoint_path")
-    if not folder or not (Path(folder) / CHECKPOINT_FILE).is_file():
-        raise UserError(f"the best trial's checkpoint {folder} is missing ({best['_path']}): "
+    missing = UserError(f"the best trial's checkpoint {folder} is missing ({best['_path']}): "
                         f"refit without --from-checkpoint, or rerun `python -m search.run --name {best['name']}`")
-    state = load_checkpoint(folder)
+    if not folder:
+        raise missing
+    with local_checkpoint(folder) as local:  # a folder, or a download of an object-store URI
+        if not (local / CHECKPOINT_FILE).is_file():
+            raise missing
+        state = load_checkpoint(local)
     print(f"using the best trial's checkpoint {folder} (epoch {state['epoch']}), no refit")
     net, cfg = network(state["config"], state["model"]), state["config"]
     probs = None if test_rows is None else predict_cache_rows(net, cache, test_rows, cfg, not args.no_tta, args.batch_size)

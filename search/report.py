@@ -45,6 +45,7 @@ class TrialSummary:
     checkpoint_path: str | None  # checkpoint of the best epoch (kept by CheckpointConfig)
     last_result: dict | None = None
     extra: dict = field(default_factory=dict)
+    nodes: tuple[str, ...] = ()  # Ray node ids the trial's epochs ran on, in order (more than one: it moved)
 
     @property
     def status(self) -> str:
@@ -53,6 +54,18 @@ class TrialSummary:
     @property
     def error(self) -> str:
         return self.outcome.error
+
+
+def trial_nodes(history: pd.DataFrame) -> tuple[str, ...]:
+    """The nodes a trial's epochs ran on, in order: one normally, two when its node died and it moved."""
+    if "node_id" not in history.columns:
+        return ()
+    return tuple(dict.fromkeys(str(n) for n in history["node_id"].dropna()))
+
+
+def nodes_text(nodes, short: bool = False) -> str:
+    """'a>b': where a trial ran (leaderboard column, MLflow tag); short ids for the printed table."""
+    return ">".join(n[:8] if short else n for n in nodes)
 
 
 def _best_checkpoint_path(result, best_epoch: int) -> str | None:
@@ -94,7 +107,8 @@ def summarize(result_grid, max_epochs: int, budget_hit: bool = False, interrupte
         out.append(TrialSummary(
             trial_id=trial.trial_id, config=dict(trial.config), outcome=outcome, best_val_auc=best_auc,
             best_epoch=best_epoch, epochs_run=int(hist["epoch"].max()) if len(hist) else 0, history=hist,
-            checkpoint_path=_best_checkpoint_path(result, best_epoch) if best_epoch else None, last_result=last))
+            checkpoint_path=_best_checkpoint_path(result, best_epoch) if best_epoch else None, last_result=last,
+            nodes=trial_nodes(hist)))
     out.sort(key=rank_key)
     return out
 
@@ -118,6 +132,8 @@ def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
         row = {"rank": rank, "trial_id": s.trial_id, "best_val_auc": round(s.best_val_auc, 4),
                "best_epoch": s.best_epoch, "epochs_run": s.epochs_run, "status": s.status,
                "stopped_at_rung": s.outcome.rung, "backbone": s.config.get("backbone")}
+        if any(x.nodes for x in summaries):
+            row["nodes"] = nodes_text(s.nodes)
         for k in keys:
             v = s.config.get(k)
             row[k] = float(f"{v:.4g}") if isinstance(v, float) else v
@@ -131,6 +147,12 @@ def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
 def format_leaderboard(board: pd.DataFrame, top_k: int = TOP_K) -> str:
     shown = board.head(top_k).copy()
     shown["status"] = shown["status"].str.slice(0, 60)
+    if "nodes" in shown.columns:  # where trials ran matters on a cluster only
+        ids = {n for v in board["nodes"].dropna() for n in str(v).split(">") if n}
+        if len(ids) > 1:
+            shown["nodes"] = shown["nodes"].map(lambda v: nodes_text(str(v).split(">"), short=True))
+        else:
+            shown = shown.drop(columns="nodes")
     title = f"Leaderboard (top {min(top_k, len(board))} of {len(board)} trials, by best val_auc)"
     return title + "\n" + shown.to_string(index=False)
 
@@ -181,11 +203,16 @@ def roc_figure(labels, probs, label: str, title: str):
 
 
 def plot_roc(best: TrialSummary, out: Path) -> Path | None:
-    """ROC curve of the best trial from its best checkpoint's val_predictions.npz."""
-    if not best.checkpoint_path or not (Path(best.checkpoint_path) / "val_predictions.npz").is_file():
+    """ROC curve of the best trial from its best checkpoint's val_predictions.npz (a folder or a URI)."""
+    from search.storage import local_checkpoint
+
+    if not best.checkpoint_path:
         return None
-    with np.load(Path(best.checkpoint_path) / "val_predictions.npz") as f:
-        labels, probs = f["labels"], f["probs"]
+    with local_checkpoint(best.checkpoint_path) as folder:
+        if not (folder / "val_predictions.npz").is_file():
+            return None
+        with np.load(folder / "val_predictions.npz") as f:
+            labels, probs = f["labels"], f["probs"]
     if len(np.unique(labels)) < 2:
         return None
     fig = roc_figure(labels, probs, best.trial_id,

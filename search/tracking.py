@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from search.outcome import Outcome, decide
-from search.report import EPOCH_METRICS
+from search.outcome import Outcome, decide, error_line
+from search.report import EPOCH_METRICS, nodes_text
 
 ROLE_TAG = "pcam_tune.role"
 OUTCOME_TAG = "outcome"  # Outcome.label: how the trial ended
@@ -170,6 +170,7 @@ class MlflowTrialCallback(Callback):
         self._exp_id = None
         self._runs: dict[str, str] = {}  # trial_id -> child run id
         self._last_step: dict[str, int] = {}  # trial_id -> last epoch logged (resume: no double logging)
+        self._nodes: dict[str, list[str]] = {}  # trial_id -> Ray nodes its epochs ran on (tag "nodes")
 
     # The callback is pickled into the Ray experiment state (tuner.pkl); the client is not picklable.
     def __getstate__(self):
@@ -186,6 +187,7 @@ class MlflowTrialCallback(Callback):
             self._runs[trial_id] = run.info.run_id
             hist = self._mlf.get_metric_history(run.info.run_id, "val_auc")
             self._last_step[trial_id] = max((m.step for m in hist), default=0)
+            self._nodes[trial_id] = [n for n in run.data.tags.get("nodes", "").split(">") if n]
 
     def _child(self, trial) -> str:
         if trial.trial_id not in self._runs:
@@ -216,6 +218,16 @@ class MlflowTrialCallback(Callback):
                    if isinstance(result.get(k), (int, float))]
         self._mlf.log_batch(run_id, metrics=metrics)
         self._last_step[trial.trial_id] = step
+        nodes = self._nodes.setdefault(trial.trial_id, [])
+        if result.get("node_id") and result["node_id"] not in nodes:
+            nodes.append(result["node_id"])
+            self._mlf.set_tag(run_id, "nodes", nodes_text(nodes))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """The trial failed (e.g. its node died) and Ray retries it from its last checkpoint (FailureConfig)."""
+        run_id = self._child(trial)
+        self._mlf.set_tag(run_id, "retries", str(trial.num_failures))
+        self._mlf.set_tag(run_id, "retried_after", error_line(_error_text(trial)))
 
     # While the search runs, a trial Ray completes ended by itself or by ASHA; a time-budget cut or Ctrl-C
     # never reaches these hooks (the driver settles those with reconcile_children at the end).

@@ -379,7 +379,11 @@ def load_checkpoint(folder: str | os.PathLike) -> dict:
 
 
 def _tune_reporter(metrics: dict, state: dict | None, preds) -> None:
+    import ray
     from ray import tune
+    # Which Ray node ran this epoch: on a cluster the leaderboard and MLflow show where each trial ran (and
+    # that a trial whose node died continued on another).
+    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
     if state is None:
         tune.report(metrics)
         return
