@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets.errors import UserError, run_cli
-from search import insight, report, searcher, tracking
+from search import cluster, insight, report, searcher, tracking
 from search.outcome import MODE, OBJECTIVE
 from search.spaces import SpaceOptions, define_by_run, get_space, list_spaces, pretrained_backbones_used, \
     resolve_backbones
+from search.storage import check_storage_path, uri_for
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -69,7 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="experiment name (default: <space>-<date>-<time>); re-using a name resumes it")
     p.add_argument("--resume", action="store_true",
                    help="continue the experiment --name (or the newest one of --space) after Ctrl-C or a crash")
-    p.add_argument("--address", help="join an existing Ray cluster, e.g. auto or ray://head:10001")
+    p.add_argument("--address", help="run on an existing Ray cluster: auto, or the head's HOST:6379 (default "
+                   "$RAY_ADDRESS, as set by `ray job submit`; Ray Client ray:// addresses are refused)")
     p.add_argument("--storage-path", help="where Ray keeps the experiment (default <results>/ray); on a "
                    "multi-node cluster use shared storage (NFS path) or an object store URI (s3://, gs://)")
     p.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else "
@@ -212,10 +214,12 @@ def make_plan(argv=None) -> Plan | None:
     if args.list_spaces:
         print(list_spaces())
         return None
+    args.address = cluster.cluster_address(args.address, sys.argv[1:] if argv is None else argv)
     results = results_root(args)
     storage = args.storage_path or str(results / "ray")
     if not _is_uri(storage):
         storage = str(Path(storage).resolve())
+    check_storage_path(storage)
     if args.space:
         get_space(args.space)  # an unknown space fails first, whatever else is wrong
     if args.resume and not args.name:
@@ -391,10 +395,17 @@ def start_ray(plan: Plan) -> None:
         # error still reaches the table, the leaderboard and MLflow.
         ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False, **kwargs)
     if plan.args.address:  # only now can a cluster's resources be known and checked
-        have = ray.cluster_resources()
-        plan.cpus_per_trial, plan.gpus_per_trial, plan.max_concurrent = resource_defaults(
-            plan.args, int(have.get("CPU", 0)), int(have.get("GPU", 0)), plan.num_samples,
-            where=f"the Ray cluster at {plan.args.address}")
+        plan.cpus_per_trial, plan.gpus_per_trial, plan.max_concurrent = cluster.trial_resources(
+            plan.args, cluster.alive_nodes(), plan.num_samples, where=f"the Ray cluster at {plan.args.address}")
+
+
+def check_nodes(plan: Plan, cache, data_dir: str | None) -> None:
+    """On a cluster, every node that may get a trial must see the cache, the weights and the storage path."""
+    if plan.args.address:
+        hosts = cluster.trial_hosts(cluster.alive_nodes(), plan.cpus_per_trial, plan.gpus_per_trial)
+        cluster.preflight(hosts, cluster.Needs(
+            cache_path=str(cache.path), fingerprint=cache.fingerprint, storage_path=plan.storage_path,
+            pretrained=tuple(pretrained_backbones_used(plan.space, plan.backbones, plan.opts)), data_dir=data_dir))
 
 
 def make_trainable(plan: Plan, cache_path: str):
@@ -435,6 +446,7 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
     out_dir = plan.results_dir / plan.name
     out_dir.mkdir(parents=True, exist_ok=True)
     start_ray(plan)
+    check_nodes(plan, cache, data_dir)
     params = {"space": plan.space.name, "backbones": ",".join(plan.backbones), "pretrained": plan.opts.pretrained,
               "num_samples": plan.num_samples, "max_epochs": plan.max_epochs,
               "time_budget_s": plan.time_budget_s, "scheduler": "ASHA", "grace_period": plan.grace_period,
@@ -471,6 +483,8 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
     if not plan.args.stock_feedback:
         searcher.settle_study(plan.study_storage, plan.name,
                               {s.trial_id: (s.outcome, s.last_result) for s in summaries}, search_over=not interrupted)
+    for s in summaries:  # Ray names checkpoints inside its filesystem: keep the storage URI for later readers
+        s.checkpoint_path = uri_for(s.checkpoint_path, plan.storage_path)
     plan.interrupted, plan.unfinished = interrupted, len(unfinished)
     return finish(plan, summaries, cache, data_dir, parent_run_id, out_dir)
 
