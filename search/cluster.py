@@ -8,6 +8,7 @@ task pinned to it) and stops with one line naming the node and the fix.
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import uuid
@@ -52,6 +53,21 @@ def _without_address(argv: list[str] | None) -> list[str]:
         elif not a.startswith("--address="):
             out.append(a)
     return out
+
+
+def check_job_paths(**paths: str | Path | None) -> None:
+    """Under `ray job submit --working-dir`, the driver runs in a temporary copy of the working directory that
+    Ray deletes when the job ends: results, checkpoints or a sqlite store below it would be lost."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set by Ray for a job's driver
+    if "working_dir" not in (job.get("runtime_env") or {}):
+        return
+    cwd = Path.cwd().resolve()
+    lost = ["--" + opt.replace("_", "-") for opt, p in paths.items()
+            if p and "://" not in str(p) and Path(p).resolve().is_relative_to(cwd)]
+    if lost:
+        raise UserError(f"{', '.join(lost)} would be inside this Ray Job's temporary working directory {cwd}, which "
+                        f"Ray deletes when the job ends; pass absolute paths on storage that outlives the job "
+                        f"(e.g. --results-dir /shared/pcam-results) and an MLflow server as --tracking-uri")
 
 
 # --- what the nodes have, what a trial may ask -----------------------------------------------------------------
@@ -131,7 +147,7 @@ class Needs:
 def check_this_node(needs: Needs, marker: str) -> list[str]:
     """Run on a node (a Ray task pinned to it): what is missing there, each with its fix, or []."""
     from datasets.cache import META, open_cache
-    from trainables.weights import missing_weights
+    from trainables.weights import MIRROR_ENV, download_error, download_missing
 
     problems = []
     cache = Path(needs.cache_path)
@@ -146,11 +162,14 @@ def check_this_node(needs: Needs, marker: str) -> list[str]:
             problems.append(f"has a different data cache at {cache} (fingerprint {found[:12]}, the driver's is "
                             f"{needs.fingerprint[:12]}): put the cache on storage every node mounts "
                             f"(--cache-dir /shared/pcam-cache), or copy the driver's folder there (rsync -a)")
-    missing = missing_weights(needs.pretrained)
-    if missing:
-        files = ", ".join(f"{path} ({b})" for b, _, path in missing)
-        problems.append(f"lacks pretrained weights {files}: run `python -m trainables.weights import FILE "
-                        f"--backbone {missing[0][0]}` on that node, or set TORCH_HOME to storage every node mounts")
+    # Like the driver: download what this node's torch hub cache lacks, once, before its trials all try at once.
+    failed = download_missing(needs.pretrained, progress=False)
+    if failed:
+        files = ", ".join(f"{path} ({b})" for b, _, path, _ in failed)
+        problems.append(f"lacks pretrained weights {files} and downloading them failed "
+                        f"({download_error(failed[0][3])}): run `python -m trainables.weights import FILE "
+                        f"--backbone {failed[0][0]}` on that node, set ${MIRROR_ENV} there to a mirror, or set "
+                        f"TORCH_HOME to storage every node mounts")
     if not _marker_visible(needs.storage_path, marker):
         problems.append(f"cannot see --storage-path {needs.storage_path} (trial checkpoints go there): use storage "
                         f"every node mounts (NFS) or an object store URI (s3://bucket/path, gs://bucket/path)")

@@ -220,6 +220,7 @@ def make_plan(argv=None) -> Plan | None:
     if not _is_uri(storage):
         storage = str(Path(storage).resolve())
     check_storage_path(storage)
+    cluster.check_job_paths(results_dir=results, storage_path=storage)
     if args.space:
         get_space(args.space)  # an unknown space fails first, whatever else is wrong
     if args.resume and not args.name:

@@ -197,6 +197,18 @@ def test_ray_client_address_is_refused_with_the_ray_jobs_command(capsys, monkeyp
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
+def test_a_ray_job_must_not_write_results_into_its_temporary_working_dir(capsys, monkeypatch, tmp_path):
+    from search import run as search_run
+
+    # What Ray sets for the driver of `ray job submit --working-dir .`: it runs in a temporary copy of that dir.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    monkeypatch.chdir(tmp_path)
+    assert search_run.main(["--space", "smoke", "--address", "127.0.0.1:6379"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--results-dir, --storage-path would be inside this Ray Job's temporary working directory" in err
+    assert "\n" not in err and not any(tmp_path.iterdir())
+
+
 def _args(**kw):
     from argparse import Namespace
 
@@ -408,14 +420,24 @@ def test_impossible_requests_fail_in_one_line_before_any_trial(ray_cluster, clus
     assert not (tmp_path / "results" / "mlflow.db").exists()  # refused before the MLflow parent run
 
 
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
 def test_preflight_names_the_node_without_the_pretrained_weights(ray_cluster, cluster_data, tmp_path):
-    """A worker whose torch hub cache ($TORCH_HOME) is empty: the search stops before any trial, naming it."""
+    """A worker whose torch hub cache ($TORCH_HOME) is empty and whose download fails (its weights mirror is a
+    closed port): the search stops before any trial, naming that node."""
     from datasets.errors import UserError
-    from trainables.weights import missing_weights
+    from trainables.weights import MIRROR_ENV, missing_weights
 
     if missing_weights(["mobilenet_v2"]):
         pytest.skip("mobilenet_v2 weights not installed on this machine (make install imports them)")
-    bare = ray_cluster.add_worker(env_vars={"TORCH_HOME": str(tmp_path / "empty-torch-home")})
+    bare = ray_cluster.add_worker(env_vars={"TORCH_HOME": str(tmp_path / "empty-torch-home"),
+                                            MIRROR_ENV: f"http://127.0.0.1:{closed_port()}/"})
     name = "no-weights"
     try:
         with pytest.raises(UserError) as err:
@@ -426,6 +448,7 @@ def test_preflight_names_the_node_without_the_pretrained_weights(ray_cluster, cl
     msg = str(err.value)
     assert msg.startswith(f"pre-flight check failed: node {bare.node_id[:8]} (") and "\n" not in msg
     assert "mobilenet_v2-b0353104.pth" in msg and str(tmp_path / "empty-torch-home") in msg
+    assert "downloading them failed (URLError: [Errno 111] Connection refused)" in msg
     assert "python -m trainables.weights import FILE --backbone mobilenet_v2` on that node" in msg
     assert "also failing" not in msg  # the two healthy workers passed
     assert not (tmp_path / "results" / "ray" / name).exists() and not (tmp_path / "results" / "mlflow.db").exists()
