@@ -18,7 +18,8 @@ from pathlib import Path
 from datasets.errors import UserError
 
 RAY_CLIENT = "ray://"
-PREFLIGHT_TIMEOUT_S = 120.0  # a node's first Ray worker starts a Python process and imports the project
+# A node's first Ray worker starts a Python process and imports the project, and may download weights.
+PREFLIGHT_TIMEOUT_S = 300.0
 MARKER = ".pcam-tune-preflight-"  # + a fresh token: a file the driver writes under --storage-path
 
 
@@ -157,7 +158,11 @@ def check_this_node(needs: Needs, marker: str) -> list[str]:
                         f"{' --data-dir ' + needs.data_dir if needs.data_dir else ''} --cache-dir {cache.parent}` "
                         f"(the same data at the same path, copied with its timestamps: rsync -a)")
     else:
-        found = open_cache(cache).fingerprint  # DataError (one line) on a half-copied folder
+        try:
+            found = open_cache(cache).fingerprint
+        except UserError as e:  # a half-copied folder: the message names it and the fix
+            problems.append(f"has a broken data cache: {e}")
+            found = needs.fingerprint
         if found != needs.fingerprint:
             problems.append(f"has a different data cache at {cache} (fingerprint {found[:12]}, the driver's is "
                             f"{needs.fingerprint[:12]}): put the cache on storage every node mounts "
@@ -203,8 +208,6 @@ def preflight(nodes: list[Node], needs: Needs, timeout_s: float = PREFLIGHT_TIME
                 continue
             try:
                 problems += [(node, p) for p in ray.get(ref)]
-            except UserError as e:
-                problems.append((node, str(e)))
             except Exception as e:  # noqa: BLE001 - any task failure there, e.g. the project not importable
                 problems.append((node, f"cannot run pcam-tune ({error_line(e)}): install the project on every node, "
                                        f"or submit the search with `ray job submit --working-dir . -- python -m "

@@ -21,7 +21,7 @@ from search import cluster, insight, report, searcher, tracking
 from search.outcome import MODE, OBJECTIVE
 from search.spaces import SpaceOptions, define_by_run, get_space, list_spaces, pretrained_backbones_used, \
     resolve_backbones
-from search.storage import check_storage_path, uri_for
+from search.storage import check_storage_path, join as join_storage, uri_for
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -231,9 +231,9 @@ def make_plan(argv=None) -> Plan | None:
         raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' or '-' (up to 100 characters)")
     from ray import tune
 
-    resume = bool(args.name) and tune.Tuner.can_restore(f"{storage.rstrip('/')}/{args.name}")
+    resume = bool(args.name) and tune.Tuner.can_restore(join_storage(storage, args.name))
     if args.resume and not resume:
-        raise UserError(f"--resume: nothing to resume at {storage.rstrip('/')}/{args.name}; "
+        raise UserError(f"--resume: nothing to resume at {join_storage(storage, args.name)}; "
                         "drop --resume to start a new search")
     saved = _load_settings(results, args.name) if resume else None
     if saved:
@@ -269,7 +269,7 @@ def make_plan(argv=None) -> Plan | None:
                 max_epochs=max_epochs, grace_period=grace,
                 reduction_factor=args.reduction_factor or space.reduction_factor, time_budget_s=time_budget_s,
                 cpus_per_trial=cpt, gpus_per_trial=gpt, max_concurrent=conc, name=name, results_dir=results,
-                storage_path=storage, experiment_path=f"{storage.rstrip('/')}/{name}", resume=resume,
+                storage_path=storage, experiment_path=join_storage(storage, name), resume=resume,
                 tracking_uri=tracking.default_tracking_uri(results, args.tracking_uri),
                 study_storage=args.study_storage or searcher.study_storage_url(results))
 

@@ -33,6 +33,15 @@ def check_storage_path(storage_path: str) -> None:
                         f"gs://bucket/path), or use a folder every node mounts") from None
 
 
+def join(storage_path: str, name: str) -> str:
+    """``<storage_path>/<name>``; for a URI inside its path, before any query string (s3://b/x?region=... ->
+    s3://b/x/name?region=...)."""
+    if not is_uri(storage_path):
+        return f"{storage_path.rstrip('/')}/{name}"
+    parts = urlsplit(storage_path)
+    return urlunsplit((parts.scheme, parts.netloc, f"{parts.path.rstrip('/')}/{name}", parts.query, ""))
+
+
 def uri_for(fs_path: str | None, storage_path: str) -> str | None:
     """The URI of ``fs_path`` (a path as Ray's pyarrow filesystem names it, e.g. 'bucket/x/name/trial/ckpt')
     under the storage URI it came from; local storage paths are returned as they are."""

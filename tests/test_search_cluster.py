@@ -70,8 +70,11 @@ def ray_cluster():
     # A short private temp dir: Ray's unix sockets live under it (108-byte path limit), and Ray records "the
     # current cluster" there, so no other ray.init() on this shared machine joins this cluster by accident.
     root = Path(tempfile.mkdtemp(prefix="pcr", dir="/tmp"))
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "OMP_NUM_THREADS")}
-    os.environ.update(RAY_TMPDIR=str(root), OMP_NUM_THREADS="1")
+    # Nodes and drivers inherit this environment: the fake credentials are the local S3 server's (s3_bucket).
+    env = {"RAY_TMPDIR": str(root), "OMP_NUM_THREADS": "1", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     cluster = None
     try:
         cluster = Cluster(initialize_head=True, head_node_args={
@@ -91,6 +94,22 @@ def ray_cluster():
             else:
                 os.environ[k] = v
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(ray_cluster) -> str:
+    """A real S3 API on 127.0.0.1 (moto's server) with an empty bucket; the --storage-path URI to use."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        endpoint = "http://%s:%d" % server.get_host_and_port()
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="pcam-tune")
+        yield f"s3://pcam-tune/ray?region=us-east-1&endpoint_override={endpoint}"
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -242,12 +261,14 @@ def test_trial_resources_come_from_the_nodes_a_trial_can_run_on():
 
 def test_checkpoint_uris_keep_the_storage_scheme_bucket_and_query(tmp_path):
     from datasets.errors import UserError
-    from search.storage import check_storage_path, local_checkpoint, uri_for
+    from search.storage import check_storage_path, join, local_checkpoint, uri_for
 
     s3 = "s3://bucket/pcam?region=eu-west-1&endpoint_override=http://127.0.0.1:9000"
     assert uri_for("bucket/pcam/exp/trial_1/checkpoint_000002", s3) == \
         "s3://bucket/pcam/exp/trial_1/checkpoint_000002?region=eu-west-1&endpoint_override=http://127.0.0.1:9000"
     assert uri_for("bkt/p/exp/t/c", "gs://bkt/p") == "gs://bkt/p/exp/t/c"
+    assert join(s3, "exp") == "s3://bucket/pcam/exp?region=eu-west-1&endpoint_override=http://127.0.0.1:9000"
+    assert join("/data/ray/", "exp") == "/data/ray/exp"
     assert uri_for(str(tmp_path / "exp" / "t"), str(tmp_path)) == str(tmp_path / "exp" / "t")  # a plain folder
     (tmp_path / "exp" / "t").mkdir(parents=True)
     (tmp_path / "exp" / "t" / "checkpoint.pt").write_bytes(b"x")
@@ -308,14 +329,16 @@ def test_trials_spread_over_both_workers_and_survive_the_death_of_one(ray_cluste
     assert best["trial_id"] in board.index and Path(best["checkpoint_path"], "checkpoint.pt").is_file()
 
 
-def test_driver_killed_then_resume_on_the_cluster_with_a_storage_uri(ray_cluster, cluster_data, tmp_path):
+def test_driver_killed_then_resume_on_the_cluster_with_s3_storage(ray_cluster, cluster_data, s3_bucket, tmp_path):
     """The search's driver is SIGKILLed mid-search (its trials die with it); `--resume` against the same cluster
-    continues every trial from its checkpoint. The storage is given as a URI (file://, read through pyarrow
-    like s3:// or gs://), so resume, the ROC plot and refit --from-checkpoint all read checkpoints back from it."""
+    continues every trial from its checkpoint. --storage-path is an s3:// URI (a local S3 server, query string
+    and all), so the trials' checkpoints, the resume, the ROC plot and refit --from-checkpoint all go through
+    the object store."""
+    import pyarrow.fs
+
     from search import refit_best
 
-    name, uri = "driver-death", f"sqlite:///{tmp_path}/results/mlflow.db"
-    storage = (tmp_path / "store").as_uri()
+    name, uri, storage = "driver-death", f"sqlite:///{tmp_path}/results/mlflow.db", s3_bucket
     proc = start_driver(tmp_path, ray_cluster, cluster_data, name, "--num-samples", "2", "--max-epochs", "4",
                         "--grace-period", "4", "--seed", "2", "--storage-path", storage)
     log = tmp_path / "driver.log"
@@ -343,16 +366,21 @@ def test_driver_killed_then_resume_on_the_cluster_with_a_storage_uri(ray_cluster
                                 filter_string=f"tags.{tracking.ROLE_TAG} = 'parent'")
     assert parent.info.status == "FINISHED"
 
-    results = [json.loads(line) for p in (tmp_path / "store" / name).glob(f"*_{trial}_*/result.json")
-               for line in p.read_text().splitlines()]
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    (result_file,) = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", recursive=True))
+                      if f.path.endswith("/result.json") and f"_{trial}_" in f.path]
+    with fs.open_input_stream(result_file) as f:
+        results = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    assert not (tmp_path / "results" / "ray").exists()  # nothing went to the local default
     restarts = [r for r in results[1:] if r["iterations_since_restore"] == 1]
     # Continued from its latest checkpoint in Ray's last state snapshot (epoch_seen, or the one before if
     # the kill beat that snapshot), not from epoch 1.
     assert restarts and restarts[0]["epoch"] >= epoch_seen > 1
 
     best = json.loads((tmp_path / "results" / name / "best_config.json").read_text())
-    assert best["checkpoint_path"].startswith(storage + "/" + name + "/")  # a URI later readers can open
-    assert best["experiment_path"] == f"{storage}/{name}"
+    base, query = storage.split("?")
+    assert best["experiment_path"] == f"{base}/{name}?{query}"
+    assert best["checkpoint_path"].startswith(f"{base}/{name}/") and best["checkpoint_path"].endswith(f"?{query}")
     assert (tmp_path / "results" / name / "roc_best.png").stat().st_size > 1000  # read from the URI
     assert refit_best.main(["--results-dir", str(tmp_path / "results"), "--name", name, "--from-checkpoint",
                             "--no-mlflow"]) == 0
