@@ -324,7 +324,7 @@ def test_trials_spread_over_both_workers_and_survive_the_death_of_one(ray_cluste
     kids = assert_one_child_per_trial_no_epoch_twice(uri, name, board.reset_index())
     victim = kids[victim_trial]
     assert victim.data.tags["nodes"] == f"{victim_node}>{survivor}" and victim.data.tags["retries"] == "1"
-    assert victim.info.status == "FINISHED" and victim.data.tags["status"] == "completed"
+    assert victim.info.status == "FINISHED" and victim.data.tags[tracking.OUTCOME_TAG] == "completed"
     best = json.loads((tmp_path / "results" / name / "best_config.json").read_text())
     assert best["trial_id"] in board.index and Path(best["checkpoint_path"], "checkpoint.pt").is_file()
 
