@@ -99,6 +99,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def s3_bucket(ray_cluster) -> str:
     """A real S3 API on 127.0.0.1 (moto's server) with an empty bucket; the --storage-path URI to use."""
+    pytest.importorskip("moto", reason="moto (test extra) not installed: rerun `make install`")
     import boto3
     from moto.server import ThreadedMotoServer
 
