@@ -220,7 +220,7 @@ class Ensemble:
         self.members = members
         self.names = names or [f"member {i}" for i in range(1, len(members) + 1)]
 
-    def predict_proba(self, images_u8: np.ndarray, tta: bool = True, batch_size: int = 256) -> np.ndarray:
+    def predict_proba(self, images_u8: np.ndarray, tta: bool = True, batch_size: int | None = None) -> np.ndarray:
         from trainables.train import predict_proba
 
         return average([predict_proba(net, images_u8, cfg, tta=tta, batch_size=batch_size) for net, cfg in self.members])

@@ -5,7 +5,9 @@
 Writes ``id,label`` (id = file name without .tif, label = tumour probability), sorted by id, with
 the mean of the 8 dihedral views by default (--no-tta for the plain view); an ensemble's model file
 (refit_best --folds/--top-k) gives the mean of its members, as in its submission. Images are read and
-checked by the datasets layer (96x96 RGB uint8), so a bad file stops with its name.
+checked by the datasets layer (96x96 RGB uint8), so a bad file stops with its name. Inference runs in
+each network's precision setting (saved with it; --precision overrides it, trainables.fastpath has the
+rule), with as many threads as the CPUs this process may use.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 
 from datasets.errors import DataError, UserError, run_cli
 from search import submission as sub
+from trainables.fastpath import PRECISIONS
 
 
 def tif_ids(images_dir: Path) -> list[str]:
@@ -31,14 +34,25 @@ def tif_ids(images_dir: Path) -> list[str]:
     return ids
 
 
-def score_folder(model_path: Path, images_dir: Path, tta: bool = True, batch_size: int = 256) -> tuple[list[str], np.ndarray]:
+def score_folder(model_path: Path, images_dir: Path, tta: bool = True, batch_size: int | None = None,
+                 precision: str | None = None) -> tuple[list[str], np.ndarray]:
     """Ids and probabilities of a folder's patches; an ensemble model file averages its members."""
+    import torch
     from datasets.images import read_patches
     from search.ensemble import load_ensemble
+    from trainables.train import fast_path, trial_cpus
 
     if not Path(model_path).is_file():
         raise UserError(f"--model {model_path}: not found (train one with `python -m search.refit_best`)")
+    torch.set_num_threads(trial_cpus())
     model = load_ensemble(model_path)
+    for net, config in model.members:
+        if precision:
+            config["precision"] = precision
+        path = fast_path(config, next(net.parameters()).device, training=False)
+        print(f"scoring with {config['backbone']}: {path.name} ({path.reason}), batch "
+              f"{batch_size or path.inference_batch()}, {torch.get_num_threads()} thread(s), "
+              f"TTA {'8 views' if tta else 'off'}", flush=True)
     ids = tif_ids(images_dir)
     images = read_patches(images_dir, ids, progress=True)
     return ids, model.predict_proba(images, tta=tta, batch_size=batch_size)
@@ -50,16 +64,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of 96x96 RGB .tif patches")
     p.add_argument("--out", required=True, help="CSV to write (id,label)")
     p.add_argument("--no-tta", action="store_true", help="plain view only (default: mean of 8 dihedral views)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 64 on CPU, 256 on GPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="auto | fp32 | bf16 (default: the model's setting, saved with it; auto = bf16 where this "
+                        "CPU has native bf16, else fp32)")
     return p
 
 
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
-    ids, probs = score_folder(Path(args.model), Path(args.images), tta=not args.no_tta, batch_size=args.batch_size)
+    ids, probs = score_folder(Path(args.model), Path(args.images), tta=not args.no_tta, batch_size=args.batch_size,
+                              precision=args.precision)
     out = Path(args.out)
     sub.clean_stale_tmp(out)
     sub.write_submission(out, np.asarray(ids), probs)

@@ -230,7 +230,10 @@ def clean_killed_outputs(out_dir: Path) -> None:
 def plan_members(best: dict, cache, rows: np.ndarray, args) -> list[Member]:
     """The networks to train: the best trial, K folds of it, or the K best configs of the search."""
     def make(config, best_epoch, where):
-        return member_config(config, best_epoch, args.epochs, args.seed, args.max_train_samples, where)
+        config, stop = member_config(config, best_epoch, args.epochs, args.seed, args.max_train_samples, where)
+        if args.precision:  # --precision overrides the search's (argparse checked it)
+            config["precision"] = args.precision
+        return config, stop
 
     if args.top_k:
         return top_k_members(best, args.top_k, make, rows)
@@ -294,8 +297,10 @@ def member_summaries(trained, test_labels, oof: dict | None, member_runs: dict) 
 
 
 def train(m: Member, cache, log_to_mlflow: bool):
-    from trainables.train import fit
+    from trainables.train import fast_path, fit, pick_device
 
+    path = fast_path(m.config, pick_device(), training=True)
+    print(f"training {m.config['backbone']} in {path.name} ({path.reason})", flush=True)
     model, history = fit(m.config, cache, m.train_rows, val_idx=None, on_epoch=epoch_reporter(m.stop_epoch, log_to_mlflow),
                          progress=True, stop_epoch=m.stop_epoch)
     if history and history[-1].get("trial_status") == "diverged":
@@ -352,7 +357,7 @@ def write_oof(path: Path, oof: dict, cache) -> None:
           f"each patch scored by the one model that never trained on it")
 
 
-def predict_cache_rows(model, cache, rows, config, tta: bool, batch_size: int) -> np.ndarray:
+def predict_cache_rows(model, cache, rows, config, tta: bool, batch_size: int | None) -> np.ndarray:
     """TTA probabilities of cache rows (test or held-out), read from the memmap a chunk at a time."""
     from tqdm.auto import tqdm
     from trainables.train import predict_proba
@@ -408,7 +413,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="refit on a seeded random N of the labelled rows (default: all of them)")
     p.add_argument("--from-checkpoint", action="store_true",
                    help="no refit: predict with the best trial's checkpoint (trained on the train split only)")
-    p.add_argument("--batch-size", type=int, default=256, help="prediction batch size (default 256)")
+    p.add_argument("--batch-size", type=int, help="images per prediction forward pass (default 64 on CPU, 256 on GPU)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="training and prediction precision (default: the search's, in its best_config.json; "
+                        "auto = bf16 where this CPU has native bf16 and the model gains from it, else fp32)")
     return p
 
 

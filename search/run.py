@@ -82,6 +82,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", help="comma-separated backbones to choose from (backbones/baseline spaces)")
     p.add_argument("--backbone", help="the backbone to fine-tune (finetune space)")
     p.add_argument("--no-pretrained", action="store_true", help="train every backbone from scratch")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="trial precision (default auto: bf16 + channels_last where this CPU has native bf16 and the "
+                        "model gains from it, else fp32; see docs/training.md)")
     p.set_defaults(pretrained=None)
     p.add_argument("--grace-period", type=int, help="ASHA: epochs every trial gets before it can be stopped")
     p.add_argument("--reduction-factor", type=float, help="ASHA: keep the top 1/this at each rung")
@@ -184,7 +187,7 @@ SETTINGS_FILE = "search.json"
 # trial configs built from them); CLI values for these are ignored on resume.
 RESUMED_SETTINGS = ("space", "backbones", "pretrained", "backbone", "num_samples", "max_epochs", "grace_period",
                     "reduction_factor", "time_budget", "seed", "data_dir", "slide_map", "tracking_uri", "max_concurrent",
-                    "study_storage")
+                    "study_storage", "precision")
 
 
 def _load_settings(results: Path, name: str) -> dict | None:
@@ -258,7 +261,8 @@ def make_plan(argv=None) -> Plan | None:
         args.backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     args.pretrained = not args.no_pretrained if args.pretrained is None else args.pretrained
     opts = SpaceOptions(backbones=tuple(args.backbones) if args.backbones else None, pretrained=args.pretrained,
-                        backbone=args.backbone, max_epochs=max_epochs, seed=args.seed)
+                        backbone=args.backbone, max_epochs=max_epochs, seed=args.seed,
+                        precision=args.precision or "auto")
     backbones = resolve_backbones(space, opts)
     check_weights(space, backbones, opts)
 
@@ -285,6 +289,7 @@ def save_settings(plan: Plan, data_fingerprint: str) -> None:
                 "data_fingerprint": data_fingerprint, "tracking_uri": plan.tracking_uri,
                 "study_storage": plan.study_storage,
                 "max_concurrent": plan.max_concurrent,  # fixed in the restored TuneConfig
+                "precision": plan.opts.precision,
                 "experiment_path": plan.experiment_path}
     report.write_json(plan.results_dir / plan.name / SETTINGS_FILE, settings)
 

@@ -28,6 +28,7 @@ class SpaceOptions:
     backbone: str | None = None  # --backbone (finetune)
     max_epochs: int = 5
     seed: int = 0
+    precision: str = "auto"  # --precision: every trial's config["precision"] (trainables.fastpath)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ def pretrained_backbones_used(space: Space, backbones: tuple[str, ...], opts: Sp
 
 def define_by_run(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> Callable[[Any], dict]:
     """The Optuna define-by-run function for this search: the space plus the search-wide constants."""
-    constants = {**space.constants, "epochs": opts.max_epochs, "seed": opts.seed}
+    constants = {**space.constants, "epochs": opts.max_epochs, "seed": opts.seed, "precision": opts.precision}
     return functools.partial(_define_with_constants, space.define, backbones, opts, constants)
 
 

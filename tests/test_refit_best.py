@@ -211,10 +211,26 @@ def test_predict_cli_scores_a_folder_of_tifs(refitted, tmp_path, capsys):
         shutil.copy(f, folder / f.name)
     out = tmp_path / "scores.csv"
     assert predict.main(["--model", str(refitted["model"]), "--images", str(folder), "--out", str(out)]) == 0
+    assert "scoring with baseline: " in capsys.readouterr().out   # the precision/layout it ran in
     got = pd.read_csv(out, dtype={"id": str})
     assert got["id"].tolist() == sorted(f.stem for f in chosen)
     sub = pd.read_csv(refitted["submission"], dtype={"id": str}).set_index("id")
     np.testing.assert_allclose(got["label"], sub.loc[got["id"], "label"], rtol=1e-4, atol=1e-6)
+
+
+def test_predict_precision_option_overrides_the_models(refitted, tmp_path, capsys):
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    for f in sorted((refitted["data_dir"] / "test").glob("*.tif"))[:5]:
+        shutil.copy(f, folder / f.name)
+    out = tmp_path / "scores.csv"
+    argv = ["--model", str(refitted["model"]), "--images", str(folder), "--out", str(out)]
+    assert predict.main([*argv, "--precision", "fp32"]) == 0
+    assert "fp32 channels_last (precision fp32 requested)" in capsys.readouterr().out
+    fp32 = pd.read_csv(out)["label"].to_numpy()
+    assert predict.main([*argv, "--precision", "bf16"]) == 0
+    assert "bf16 channels_last (precision bf16 requested" in capsys.readouterr().out
+    np.testing.assert_allclose(pd.read_csv(out)["label"], fp32, atol=0.02)
 
 
 def test_predict_cli_names_a_bad_image(refitted, tmp_path, capsys):
@@ -231,12 +247,13 @@ def test_no_tta_and_seed_and_epochs_options(tiny, tmp_path):
     results = tmp_path / "results"
     write_best_config(results, "opts", tiny["cache"], tiny["uri"])
     rc = refit_best.main(["--results-dir", str(results), "--name", "opts", "--epochs", "1", "--no-tta",
-                          "--seed", "7", "--no-mlflow"])
+                          "--seed", "7", "--no-mlflow", "--precision", "fp32"])
     assert rc == 0
     s = json.loads((results / "opts" / "refit.json").read_text())
     assert s["epochs"] == 1 and s["tta"] is False and s["mlflow_run_id"] is None
     _, config = load_model(results / "opts" / "model.pt")
     assert config["seed"] == 7 and config["epochs"] == 3  # --epochs moves the stop, not the trial's schedule
+    assert config["precision"] == "fp32"
 
 
 # ---------------------------------------------------------------- one-line errors

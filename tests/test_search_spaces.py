@@ -62,6 +62,8 @@ def test_baseline_finetune_and_smoke_spaces():
     assert {c["unfreeze_depth"] for c in fine} <= set(range(num_stages("mobilenet_v2") + 1))
     smoke = sample("smoke", SpaceOptions(max_epochs=2), n=5)
     assert all(c["backbone"] == "baseline_bn" and c["max_train_samples"] <= 512 and c["epochs"] == 2 for c in smoke)
+    assert {c["precision"] for c in smoke} == {"auto"}
+    assert {c["precision"] for c in sample("smoke", SpaceOptions(precision="fp32"), n=3)} == {"fp32"}  # --precision
 
 
 @pytest.mark.parametrize("space, opts, match", [

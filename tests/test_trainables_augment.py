@@ -42,6 +42,21 @@ def test_dihedral_choice_is_per_sample_and_vectorised():
         assert torch.equal(out[i], dihedral(x[i:i + 1], k[i:i + 1])[0])
 
 
+def test_whole_batch_views_equal_the_per_sample_definition():
+    x = _batch(3)
+    for k in range(8):
+        assert torch.equal(augment.dihedral_view(x, k), dihedral(x, torch.full((3,), k)))
+
+
+def test_uint8_batches_augment_like_their_float_values():
+    """The /255 rides in the colour matrix for uint8 input: the same images as float input gives."""
+    x = (_batch(8) * 255).round().to(torch.uint8)
+    for strength in (0.0, 0.4, 1.0):
+        a = augment_batch(x, strength, torch.Generator().manual_seed(2))
+        b = augment_batch(x.float() / 255, strength, torch.Generator().manual_seed(2))
+        assert a.dtype == torch.float32 and torch.allclose(a, b, atol=1e-6)
+
+
 @pytest.mark.parametrize("strength", [0.3, 1.0])
 def test_zoom_and_shift_keep_the_centre_patch_in_view(strength):
     n, size = 500, 96

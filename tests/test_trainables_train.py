@@ -95,6 +95,52 @@ def test_save_load_round_trip_with_weights_only(toy_cache, tmp_path):
         load_model(tmp_path / "junk.pt")
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_fit_runs_in_the_precision_chosen_at_run_time(toy_cache, monkeypatch, native):
+    """auto on a CPU without native bf16 trains in fp32; with it, in bf16 - checked on the conv outputs."""
+    from trainables import fastpath
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: frozenset({"avx512_bf16"} if native else {"avx2"}))
+    dtypes = set()
+    from trainables import train as train_module
+    real_build = train_module.build_model
+
+    def build_and_watch(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda mod, inp, out: dtypes.add((mod.training, out.dtype)) if mod.training else None)
+        return model
+    monkeypatch.setattr("trainables.train.build_model", build_and_watch)
+    cfg = {**TINY, "backbone": "baseline_bn", "epochs": 1}
+    model, history = fit(cfg, toy_cache, np.arange(64), np.arange(64, 96))
+    expected = torch.bfloat16 if native else torch.float32
+    assert dtypes == {(True, expected)}
+    assert history[-1]["fast_path"] == ("bf16" if native else "fp32") + " channels_last"
+    assert next(model.parameters()).dtype == torch.float32          # master weights stay fp32
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # fp32 forced: fp32 whatever the CPU
+    dtypes.clear()
+    fit({**cfg, "precision": "fp32"}, toy_cache, np.arange(64))
+    assert dtypes == {(True, torch.float32)}
+
+
+def test_tta_is_the_mean_over_the_eight_per_sample_dihedral_views(toy_cache):
+    from trainables.augment import dihedral
+    from trainables.train import to_input
+    cfg = resolve_config({**TINY, "backbone": "baseline_bn", "epochs": 1, "precision": "fp32"})
+    model, _ = fit(cfg, toy_cache, np.arange(64))
+    x_u8 = toy_cache.images[:40]
+    x = to_input(torch.from_numpy(np.array(x_u8)), cfg, aug=False).contiguous()
+    model.eval()
+    with torch.no_grad():
+        ref = torch.stack([torch.sigmoid(model(dihedral(x, torch.full((len(x),), k)))) for k in range(8)]).mean(0)
+    got = predict_proba(model, x_u8, cfg, tta=True, batch_size=16)   # 3 batches, the last one short
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+    # bf16 inference of the same model: the same scores to bf16 precision
+    bf16 = predict_proba(model, x_u8, {**cfg, "precision": "bf16"}, tta=True)
+    assert np.abs(bf16 - got).max() < 0.02
+
+
 def test_config_typos_are_user_errors():
     with pytest.raises(UserError, match="learning_rate"):
         resolve_config({"learning_rate": 0.1})
@@ -191,12 +237,13 @@ def test_cli_prints_one_line_per_epoch(toy_dir, tmp_path, capsys, monkeypatch):
     args = ["--epochs", "1", "--batch-size", "16", "--max-train-samples", "48", "--data-dir", str(toy_dir),
             "--cache-dir", str(tmp_path / "c")]
     out = subprocess.run([sys.executable, "-m", "trainables.train", "--backbone", "baseline", *args,
-                          "--out", str(tmp_path / "model.pt")], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
+                          "--precision", "fp32", "--out", str(tmp_path / "model.pt")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("epoch")]
     assert len(lines) == 1 and "val_auc" in lines[0] and "img/s" in lines[0] and "completed" in lines[0]
-    assert (tmp_path / "model.pt").is_file()
+    assert "baseline: fp32 channels_last (precision fp32 requested), " in out.stdout
+    assert load_model(tmp_path / "model.pt")[1]["precision"] == "fp32"   # a refit/predict reproduces it
     # Pretrained weights missing offline: one line naming the file, exit 2, no traceback.
     from trainables.train import main
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))

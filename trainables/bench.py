@@ -27,7 +27,7 @@ import torch
 
 from datasets.errors import UserError, run_cli
 from trainables.models import build_model
-from trainables.train import (SmoothedBCE, get_batch, make_optimizer, model_step, pick_device,
+from trainables.train import (SmoothedBCE, fast_path, get_batch, make_optimizer, model_step, pick_device,
                               resolve_config, to_input, trial_cpus)
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "pcam_sample"
@@ -93,17 +93,14 @@ def timed(batches, n_batches: int, step=None) -> float:
 
 def train_step_fn(backbone: str, device, size: int):
     cfg = resolve_config({"backbone": backbone, "pretrained": False, "input_size": size})
-    model = build_model(backbone, pretrained=False).to(device).train()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    path = fast_path(cfg, device, training=True)
+    model = path.prepare_model(build_model(backbone, pretrained=False).to(device).train())
     opt, _ = make_optimizer(model, cfg, steps_per_epoch=1000)
     crit = SmoothedBCE()
 
     def step(x, y):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss, _ = model_step(model, x, y, crit)
+        loss, _ = model_step(model, path.prepare_input(x), y, crit, path)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.errors import UserError, run_cli
-from trainables.augment import augment_batch, dihedral
+from trainables.augment import augment_batch, dihedral_view
+from trainables.fastpath import PRECISIONS, FastPath, check_precision, choose, reuse_freed_memory
 from trainables.models import build_model, get_backbone
 
 DEFAULTS: dict = {
@@ -45,6 +46,7 @@ DEFAULTS: dict = {
     "val_fraction": 0.2,
     "seed": 0,
     "max_train_samples": None,  # subsample the train split (fast searches)
+    "precision": "auto",        # auto | fp32 | bf16: see trainables.fastpath
 }
 # Keys a caller may add besides DEFAULTS: where the data is when no cache_path is given.
 _DATA_KEYS = {"data_dir", "cache_dir"}
@@ -72,6 +74,7 @@ def resolve_config(config: dict | None) -> dict:
         raise UserError("epochs and batch_size must be >= 1")
     if cfg["pos_weight"] not in (None, "auto") and not float(cfg["pos_weight"]) > 0:
         raise UserError(f"pos_weight must be None, 'auto' or a positive number, got {cfg['pos_weight']!r}")
+    check_precision(cfg["precision"])
     return cfg
 
 
@@ -81,6 +84,11 @@ def pick_device() -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def fast_path(cfg: dict, device: torch.device, training: bool = True) -> FastPath:
+    """Precision and layout ``cfg`` runs in on ``device`` (trainables.fastpath has the rule)."""
+    return choose(cfg["precision"], cfg["backbone"], device, training)
 
 
 def in_tune_session() -> bool:
@@ -121,7 +129,10 @@ def get_batch(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, device: t
 
 
 def to_input(x_u8: torch.Tensor, cfg: dict, aug: bool, g: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [0, 1], augmented (training) and resized to input_size."""
+    """uint8 NHWC -> float NCHW in [0, 1], augmented (training) and resized to input_size.
+
+    The memory layout is whatever costs least (FastPath.prepare_input sets the model's).
+    """
     x = x_u8.permute(0, 3, 1, 2)
     if aug:
         x = augment_batch(x.contiguous(), float(cfg["aug_strength"]), g)
@@ -131,18 +142,13 @@ def to_input(x_u8: torch.Tensor, cfg: dict, aug: bool, g: torch.Generator | None
     if size != x.shape[-1]:
         # Augment at native resolution first: upsampling is the expensive part.
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    if x.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
     return x
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
-def model_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward + loss, shared by training and evaluation. Returns (loss, float logits)."""
-    with _autocast(x.device):
+def model_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion,
+               path: FastPath) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (in ``path``'s precision) + loss in fp32. Returns (loss, float logits)."""
+    with path.autocast():
         logits = model(x)
     logits = logits.float()
     return criterion(logits, y), logits
@@ -194,7 +200,7 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
 
 
 def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device, epoch: int,
-                    progress: bool = False) -> tuple[float, int]:
+                    path: FastPath, progress: bool = False) -> tuple[float, int]:
     """One pass over a seeded permutation of ``train_idx``. Returns (mean loss, images seen)."""
     model.train()
     seed = _epoch_seed(cfg, epoch)
@@ -210,7 +216,8 @@ def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device,
     for b in batches:
         idx = order[b * bs:(b + 1) * bs]
         x_u8, y = get_batch(cache.images, cache.labels, idx, device)
-        loss, _ = model_step(model, to_input(x_u8, cfg, aug=True, g=g), y, criterion)
+        x = path.prepare_input(to_input(x_u8, cfg, aug=True, g=g))
+        loss, _ = model_step(model, x, y, criterion, path)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -228,31 +235,42 @@ def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device,
     return total.item() / seen, seen
 
 
-@torch.no_grad()
 def predict_views(model, images: np.ndarray, cfg: dict, idx: np.ndarray | None = None,
-                  views: tuple[int, ...] = (0,), batch_size: int = 256) -> np.ndarray:
-    """P(tumour) for rows ``idx`` of ``images``, averaged over the given dihedral views."""
+                  views: tuple[int, ...] = (0,), batch_size: int | None = None,
+                  path: FastPath | None = None) -> np.ndarray:
+    """P(tumour) for rows ``idx`` of ``images``, averaged over the given dihedral views.
+
+    ``path``: precision/layout (default: the config's inference choice); ``batch_size``: images per
+    forward pass (default: the path's, 64 on CPU). One view of a whole batch is a flip/transpose
+    copied into a buffer reused across views, so the only per-batch allocations are the model's own.
+    """
     device = next(model.parameters()).device
-    model.eval()
+    path = path or fast_path(cfg, device, training=False)
+    batch_size = int(batch_size or path.inference_batch())
+    reuse_freed_memory()
+    model = path.prepare_model(model.eval())
     idx = np.arange(len(images)) if idx is None else np.asarray(idx)
     out = np.empty(len(idx), dtype=np.float32)
-    for s in range(0, len(idx), batch_size):
-        chunk = idx[s:s + batch_size]
-        x = torch.from_numpy(np.ascontiguousarray(images[chunk])).to(device)
-        x = to_input(x, cfg, aug=False)
-        probs = 0
-        for k in views:
-            kk = torch.full((x.shape[0],), k, device=device)
-            with _autocast(device):
-                probs = probs + torch.sigmoid(model(dihedral(x, kk)).float())
-        out[s:s + len(chunk)] = (probs / len(views)).cpu().numpy()
+    with torch.inference_mode():
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            x = torch.from_numpy(np.ascontiguousarray(images[chunk])).to(device)
+            base = path.prepare_input(to_input(x, cfg, aug=False))
+            buf = torch.empty_like(base) if len(views) > 1 or views[0] != 0 else None
+            probs = torch.zeros(len(chunk), device=device)
+            for k in views:
+                view = base if k == 0 else buf.copy_(dihedral_view(base, k))
+                with path.autocast():
+                    logits = model(view)
+                probs += torch.sigmoid(logits.float())
+            out[s:s + len(chunk)] = (probs / len(views)).cpu().numpy()
     return out
 
 
-def evaluate(model, criterion, cache, val_idx, cfg) -> dict:
+def evaluate(model, criterion, cache, val_idx, cfg, path: FastPath | None = None) -> dict:
     """Validation loss/AUC/accuracy (plain BCE, no smoothing: comparable across configs)."""
     from sklearn.metrics import roc_auc_score
-    probs = predict_views(model, cache.images, cfg, val_idx)
+    probs = predict_views(model, cache.images, cfg, val_idx, path=path)
     labels = cache.labels[val_idx].astype(np.float32)
     p = np.clip(probs, 1e-7, 1 - 1e-7)
     loss = float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
@@ -305,11 +323,11 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
     if (labels < 0).any():
         raise UserError("train_idx holds unlabelled rows (label -1); train only on labelled splits")
     device = pick_device()
+    path = fast_path(cfg, device, training=True)
+    reuse_freed_memory()
     torch.manual_seed(int(cfg["seed"]))
     model = build_model(cfg["backbone"], bool(cfg["pretrained"]), cfg["unfreeze_depth"], cfg["dropout"])
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = path.prepare_model(model.to(device))
     criterion = SmoothedBCE(cfg["label_smoothing"], _pos_weight(cfg, labels)).to(device)
     opt, sched = make_optimizer(model, cfg, batches_per_epoch(len(train_idx), int(cfg["batch_size"])))
     history, start = [], 1
@@ -324,12 +342,12 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
         t0 = time.perf_counter()
         try:
             train_loss, seen = train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg,
-                                               device, epoch, progress)
+                                               device, epoch, path, progress)
         except Diverged:
             metrics = {"epoch": epoch, "val_auc": 0.5, "val_loss": float("nan"), "val_acc": float("nan"),
                        "train_loss": float("nan"), "lr": float(sched.get_last_lr()[0]),
                        "epoch_seconds": time.perf_counter() - t0, "images_per_s": 0.0,
-                       "trial_status": "diverged"}
+                       "trial_status": "diverged", "fast_path": path.name}
             best, at = best_of(history)
             # Tune needs the metric in every result; the search tells TPE a diverged trial FAILED and ranks it last.
             metrics.update(best_val_auc=0.5 if best != best else best, best_epoch=at)
@@ -338,10 +356,11 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
                 on_epoch(metrics, None, None)
             break
         train_s = time.perf_counter() - t0
-        metrics = {"epoch": epoch, "train_loss": float(train_loss), "lr": float(sched.get_last_lr()[0])}
+        metrics = {"epoch": epoch, "train_loss": float(train_loss), "lr": float(sched.get_last_lr()[0]),
+                   "fast_path": path.name}
         preds = None
         if val_idx is not None and len(val_idx):
-            ev = evaluate(model, criterion, cache, np.asarray(val_idx), cfg)
+            ev = evaluate(model, criterion, cache, np.asarray(val_idx), cfg, path)
             preds = (ev.pop("labels"), ev.pop("probs"))
             metrics.update(ev)
         metrics.update(epoch_seconds=time.perf_counter() - t0, images_per_s=seen / train_s,
@@ -411,6 +430,8 @@ def train_pcam(config: dict, cache_path: str | os.PathLike | None = None):
     cfg = resolve_config(config)
     tune_mode = in_tune_session()
     torch.set_num_threads(trial_cpus())
+    path = fast_path(cfg, pick_device(), training=True)
+    print(f"{cfg['backbone']}: {path.name} ({path.reason}), {torch.get_num_threads()} thread(s)", flush=True)
     cache = _open_data(cfg, cache_path, progress=not tune_mode)
     from datasets.splits import train_val_split
     train_idx, val_idx = train_val_split(cache, val_fraction=float(cfg["val_fraction"]), seed=int(cfg["seed"]))
@@ -430,8 +451,12 @@ def train_pcam(config: dict, cache_path: str | os.PathLike | None = None):
 # --- inference and model files ------------------------------------------------------------------
 
 def predict_proba(model: nn.Module, images_u8: np.ndarray, config: dict, tta: bool = True,
-                  batch_size: int = 256) -> np.ndarray:
-    """P(tumour) per image for uint8 (N, 96, 96, 3) images; TTA = mean over the 8 dihedral views."""
+                  batch_size: int | None = None) -> np.ndarray:
+    """P(tumour) per image for uint8 (N, 96, 96, 3) images; TTA = mean over the 8 dihedral views.
+
+    Runs in the config's inference precision/layout (``precision``, trainables.fastpath) with
+    ``batch_size`` images per forward (default: 64 on CPU, 256 on GPU).
+    """
     cfg = resolve_config(config)
     return predict_views(model, images_u8, cfg, views=tuple(range(8)) if tta else (0,),
                           batch_size=batch_size)
@@ -491,6 +516,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=DEFAULTS["val_fraction"])
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
+                   help="auto (default): bf16 + channels_last where this CPU has native bf16 and the model gains "
+                        "from it, else fp32; fp32 / bf16 force one (see docs/training.md)")
     p.add_argument("--out", default=None, help="save the trained model here (load with trainables.train.load_model)")
     return p
 

@@ -1,0 +1,183 @@
+"""Which numeric precision and memory layout a model runs in on this machine, chosen at run time.
+
+``config["precision"]`` is ``"auto"`` (default), ``"fp32"`` or ``"bf16"``; ``fast_path(config, device,
+training)`` turns it into a ``FastPath`` (bf16 autocast on/off, channels_last on/off, and why).
+
+The rule for ``auto`` (measured with ``python -m trainables.bench --layouts``; figures in the README):
+
+- CUDA: bf16 autocast where the GPU supports bf16, channels_last.
+- CPU with *native* bf16 matrix instructions (x86 AMX-BF16 or AVX512-BF16, Arm BF16), detected from the
+  CPU's feature flags, never assumed: bf16 autocast, except for training the depthwise-separable nets
+  (mobilenet_v2, mobilenet_v3_large, efficientnet_b0). Their depthwise convolutions are memory-bound and
+  gain nothing from bf16 arithmetic, while every layer pays the casts: mobilenet_v2 trains faster in fp32
+  channels_last than in bf16 (issue 10's table: 153 vs 135 img/s). In inference (no backward, no casts of
+  gradients) bf16 wins for them too.
+- CPU without native bf16: fp32. bf16 there is emulated in software, slower than fp32.
+- channels_last on every CPU: it beat NCHW for every model measured, in both precisions.
+- other devices (Apple MPS): fp32 NCHW, as before.
+
+``"fp32"`` / ``"bf16"`` force the precision (bf16 on a CPU without native support runs, emulated, with a
+warning in the reason); the layout rule stays. The request, not its resolution, is what a config carries:
+a search, its refit and ``search.predict`` on the same machine resolve it the same way, and each prints or
+reports the resolution (``FastPath.name``, the ``fast_path`` epoch metric).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from datasets.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# CPU feature names (torch.cpu.get_capabilities() and /proc/cpuinfo spell them alike) that mean bf16
+# matrix arithmetic in hardware.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
+# Depthwise-separable backbones: train fastest in fp32 on CPU (see the module docstring).
+FP32_TRAINING_ON_CPU = frozenset({"mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"})
+# Images per forward pass in inference: on CPU, batches of 256 made activations of 30-80 MB that were
+# allocated and freed every batch, and the cache misses cost more than larger GEMMs save.
+INFERENCE_BATCH = {"cpu": 64}
+DEFAULT_INFERENCE_BATCH = 256
+
+
+def check_precision(value: str, option: str = "precision") -> str:
+    if value not in PRECISIONS:
+        raise UserError(f"{option} {value!r}: choose one of {', '.join(PRECISIONS)} (auto = bf16 where this "
+                        f"machine has native bf16 and the model gains from it, else fp32)")
+    return value
+
+
+# --- what the CPU can do ------------------------------------------------------------------------
+
+def _proc_cpuinfo_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """Feature flags of the first CPU in /proc/cpuinfo ("flags" on x86, "Features" on Arm)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags: torch's own query (torch.cpu.get_capabilities, in recent torch), else
+    /proc/cpuinfo (Linux)."""
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is not None:
+        try:
+            return frozenset(k for k, v in caps().items() if v is True)
+        except Exception:  # an unknown CPU must not stop training: fall back to the kernel's view
+            pass
+    return _proc_cpuinfo_flags()
+
+
+def native_bf16() -> bool:
+    """True when the CPU multiplies bf16 matrices in hardware and torch has oneDNN to use it."""
+    return torch.backends.mkldnn.is_available() and any(f in cpu_flags() for f in NATIVE_BF16_FLAGS)
+
+
+def cpu_summary() -> str:
+    """One line for benchmark and log headers: CPU model, bf16 flags, what auto makes of them."""
+    flags = cpu_flags()
+    found = [f for f in ("amx_bf16", "avx512_bf16", "avx512_f", "avx512f", "avx2", "bf16", "sve_bf16") if f in flags]
+    return (f"{platform.processor() or platform.machine()} {_cpu_model()}; flags {' '.join(found) or 'none of note'}; "
+            f"torch kernels {torch.backends.cpu.get_cpu_capability()}; "
+            f"native bf16 {'yes' if native_bf16() else 'no (auto uses fp32)'}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# --- the choice ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FastPath:
+    device_type: str
+    bf16: bool
+    channels_last: bool
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{'bf16' if self.bf16 else 'fp32'} {'channels_last' if self.channels_last else 'NCHW'}"
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model in this path's layout (in place, as Module.to is)."""
+        return model.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def inference_batch(self) -> int:
+        return INFERENCE_BATCH.get(self.device_type, DEFAULT_INFERENCE_BATCH)
+
+
+def choose(precision: str, backbone: str, device: torch.device | str, training: bool = True) -> FastPath:
+    """The FastPath for ``precision`` (auto | fp32 | bf16) of ``backbone`` on ``device``."""
+    check_precision(precision)
+    dev = torch.device(device).type
+    if dev == "cuda":
+        bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+        return FastPath("cuda", bf16, True, f"CUDA, precision {precision}")
+    if dev != "cpu":
+        return FastPath(dev, False, False, f"{dev}: fp32 NCHW (bf16 autocast not used on this device)")
+    native = native_bf16()
+    if precision == "fp32":
+        return FastPath("cpu", False, True, "precision fp32 requested")
+    if precision == "bf16":
+        why = "precision bf16 requested" + ("" if native else
+                                             "; this CPU has no native bf16: emulated, slower than fp32")
+        return FastPath("cpu", True, True, why)
+    if not native:
+        return FastPath("cpu", False, True, "auto: this CPU has no native bf16, fp32")
+    if training and backbone in FP32_TRAINING_ON_CPU:
+        return FastPath("cpu", False, True, f"auto: {backbone} (depthwise convolutions) trains faster in fp32")
+    return FastPath("cpu", True, True, "auto: this CPU has native bf16")
+
+
+# --- the allocator ------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def reuse_freed_memory() -> bool:
+    """Make glibc keep large freed blocks for reuse instead of unmapping them.
+
+    glibc serves allocations above its mmap threshold (at most 32 MB by default) with a fresh mmap and
+    unmaps them on free, so every batch's activations and augmented images were new pages, zeroed by
+    the kernel: inference spent more system time than user time, and the data path half its time in
+    page faults. With the threshold and trim limit at 1 GB the process reuses its heap (its memory
+    use stays at its peak). Process-wide and idempotent; a no-op (False) off glibc.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
+        limit = 1 << 30
+        # Older glibc caps the mmap threshold at 32 MB (HEAP_MAX/2): try the cap then.
+        ok = libc.mallopt(M_MMAP_THRESHOLD, limit) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        return bool(ok and libc.mallopt(M_TRIM_THRESHOLD, limit))
+    except (OSError, AttributeError):
+        return False
