@@ -10,20 +10,18 @@ leaves nothing a later load could mistake for a good cache.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from datasets.errors import DataError
+from datasets.source import CACHE_VERSION, Source
 
-CACHE_VERSION = 1
 SHAPE = (96, 96, 3)
 IMAGES, INDEX, META = "images.u8", "index.npz", "meta.json"
 
@@ -60,33 +58,6 @@ class PatchCache:
                 out[s] = {"n": int(len(idx)), "pos": int((lab == 1).sum()), "neg": int((lab == 0).sum()),
                           "unlabelled": int((lab < 0).sum())}
         return out
-
-
-@dataclass
-class Source:
-    """What a loader hands the cache builder: the index, and how to fill the pixel array."""
-    kind: str
-    data_dir: Path
-    ids: np.ndarray
-    labels: np.ndarray
-    split: np.ndarray
-    groups: np.ndarray | None
-    fingerprint: str
-    fill: Callable[[np.ndarray, bool], None]  # fill(images_out, progress)
-
-
-def fingerprint(kind: str, stat_files: list[Path], content_files: list[Path], extra: str = "") -> str:
-    """Hash of names+sizes+mtimes of ``stat_files`` and the bytes of ``content_files`` (small csvs)."""
-    h = hashlib.sha256(f"pcam-tune-cache v{CACHE_VERSION} {kind} {extra}\n".encode())
-    for p in content_files:
-        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    for p in stat_files:
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            raise DataError(f"{p}: listed but missing; restore the file or remove its row") from None
-        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 def open_cache(path: str | os.PathLike) -> PatchCache:
@@ -187,28 +158,7 @@ def load_source(data_dir: Path, kind: str = "kaggle", slide_map: str | os.PathLi
     if not kaggle.is_kaggle_layout(data_dir):
         raise DataError(f"data dir {data_dir}: holds neither the Kaggle layout (train/ + train_labels.csv) nor the "
                         f"PCam HDF5 files (camelyonpatch_level_2_split_*_x.h5); point --data-dir at one of those")
-    return kaggle_source(kaggle.load_kaggle(data_dir, slide_map), kind)
-
-
-def kaggle_source(data, kind: str) -> Source:
-    from datasets import kaggle
-    from datasets.images import read_patches_into
-
-    n_train, n_test = len(data.train_ids), len(data.test_ids)
-    ids = np.concatenate([data.train_ids, data.test_ids]).astype(str)
-    labels = np.concatenate([data.train_labels, np.full(n_test, -1, np.int8)])
-    split = np.array(["train"] * n_train + ["test"] * n_test, dtype=str)
-    groups = None
-    content = [data.data_dir / kaggle.TRAIN_CSV] + ([data.data_dir / kaggle.SUBMISSION_CSV] if n_test else [])
-    if data.slides is not None:
-        groups = np.array([data.slides.get(i, "") for i in ids], dtype=str)
-    fp = fingerprint(kind, kaggle.source_files(data), content,
-                     extra="slides:" + hashlib.sha256(groups.tobytes()).hexdigest() if groups is not None else "")
-
-    def fill(out: np.ndarray, progress: bool) -> None:
-        read_patches_into(out, data.train_paths() + data.test_paths(), progress=progress, desc="decode patches")
-
-    return Source(kind, data.data_dir, ids, labels, split, groups, fp, fill)
+    return kaggle.source(kaggle.load_kaggle(data_dir, slide_map), kind)
 
 
 def prepare_dataset(data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,

@@ -10,6 +10,7 @@ Images themselves are decoded (and checked) once, when the cache is built (datas
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.errors import DataError
+from datasets.source import Source, fingerprint
 
 TRAIN_CSV = "train_labels.csv"
 SUBMISSION_CSV = "sample_submission.csv"
@@ -159,3 +161,24 @@ def source_files(data: KaggleData) -> list[Path]:
     if len(data.test_ids):
         files += [data.data_dir / SUBMISSION_CSV, *data.test_paths()]
     return files
+
+
+def source(data: KaggleData, kind: str = "kaggle") -> Source:
+    """What the cache builder needs of a checked Kaggle layout (``kind`` "synthetic" for the embedded set)."""
+    from datasets.images import read_patches_into
+
+    n_train, n_test = len(data.train_ids), len(data.test_ids)
+    ids = np.concatenate([data.train_ids, data.test_ids]).astype(str)
+    labels = np.concatenate([data.train_labels, np.full(n_test, -1, np.int8)])
+    split = np.array(["train"] * n_train + ["test"] * n_test, dtype=str)
+    groups = None
+    content = [data.data_dir / TRAIN_CSV] + ([data.data_dir / SUBMISSION_CSV] if n_test else [])
+    if data.slides is not None:
+        groups = np.array([data.slides.get(i, "") for i in ids], dtype=str)
+    fp = fingerprint(kind, source_files(data), content,
+                     extra="slides:" + hashlib.sha256(groups.tobytes()).hexdigest() if groups is not None else "")
+
+    def fill(out: np.ndarray, progress: bool) -> None:
+        read_patches_into(out, data.train_paths() + data.test_paths(), progress=progress, desc="decode patches")
+
+    return Source(kind, data.data_dir, ids, labels, split, groups, fp, fill)

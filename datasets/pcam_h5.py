@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.errors import DataError
+from datasets.source import Source, fingerprint
 
 SPLITS = ("train", "valid", "test")
 _CHUNK = 4096
@@ -123,8 +124,6 @@ def read_slides(data_dir: Path, split: str, n: int) -> np.ndarray | None:
 
 
 def source(data_dir: Path):
-    from datasets.cache import Source, fingerprint
-
     present = [s for s in SPLITS if _file(data_dir, s, "x") or _file(data_dir, s, "y")]
     pairs = {s: _labels(data_dir, s) for s in present}
     if "train" not in pairs:

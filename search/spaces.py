@@ -70,17 +70,7 @@ def _suggest_unfreeze(trial, backbone: str, opts: SpaceOptions) -> dict:
     # The range depends on the backbone (Optuna allows a dynamic int range); with the multivariate, grouped
     # TPE sampler the depth is modelled jointly with the backbone choice that made it exist.
     # 0 = head only (a linear probe on ImageNet features) .. all stages.
-    return {"unfreeze_depth": trial.suggest_int("unfreeze_depth", 0, _num_stages(backbone))}
-
-
-@functools.lru_cache(maxsize=None)
-def _num_stages(backbone: str) -> int:
-    # num_stages builds the (weightless) network: on the meta device that skips allocating and initialising
-    # the weights (vgg16_bn, densenet121: seconds each on a small CPU), and the cache makes it once per process.
-    import torch
-
-    with torch.device("meta"):
-        return _models().num_stages(backbone)
+    return {"unfreeze_depth": trial.suggest_int("unfreeze_depth", 0, m.num_stages(backbone))}
 
 
 def _common(trial, lr_range: tuple[float, float]) -> None:

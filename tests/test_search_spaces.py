@@ -8,9 +8,9 @@ import pytest
 
 from datasets.errors import UserError
 from search import run as search_run
-from search.spaces import SPACES, SpaceOptions, _num_stages as num_stages, define_by_run, get_space, list_spaces, \
+from search.spaces import SPACES, SpaceOptions, define_by_run, get_space, list_spaces, \
     resolve_backbones
-from trainables.models import MODELS, is_pretrainable
+from trainables.models import MODELS, is_pretrainable, num_stages
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

