@@ -55,3 +55,19 @@ def test_imagenet_mobilenet_v2_scores_the_real_test_patches(sample_cache, pcam_s
         "backbone": "mobilenet_v2", "pretrained": True, "epochs": 5, "lr": 5e-4, "batch_size": 64,
         "aug_strength": 0.5, "dropout": 0.2, "weight_decay": 1e-4, "val_fraction": 0.15, "warmup_epochs": 0.3})
     assert auc > 0.88
+
+
+@pytest.mark.parametrize("backbone, epochs", [("baseline_bn", 3), ("mobilenet_v2", 2)])
+def test_bf16_training_reaches_the_fp32_auc(sample_cache, backbone, epochs):
+    """Issue 10's parity bar: the same config and seed trained in bf16 and in fp32, |delta AUC| <= 0.005."""
+    from trainables.bench import parity_run
+    if backbone == "mobilenet_v2":
+        from trainables.weights import missing_weights
+        if missing_weights(["mobilenet_v2"]):
+            pytest.skip("mobilenet_v2 ImageNet weights not cached: python -m trainables.weights import-offline")
+    torch.set_num_threads(trial_cpus())
+    fp32, bf16 = (parity_run(sample_cache, backbone, p, epochs) for p in ("fp32", "bf16"))
+    print(f"{backbone}: fp32 {fp32}, bf16 {bf16}", flush=True)
+    assert fp32["path"].startswith("fp32") and bf16["path"].startswith("bf16")
+    assert abs(bf16["val_auc"] - fp32["val_auc"]) <= 0.005
+    assert abs(bf16["test_auc"] - fp32["test_auc"]) <= 0.005
