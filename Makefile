@@ -1,4 +1,5 @@
-# pcam-tune: `make demo` runs the main job on the embedded synthetic data, `make test` runs the tests.
+# pcam-tune: `make demo` runs the main job on the embedded synthetic data (search -> refit -> submission,
+# python -m search.demo), `make test` runs the tests.
 # Both create .venv and install the project into it on first use.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -23,8 +24,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m search.run --space smoke --name $(NAME)
-	$(PY) -m search.refit_best --name $(NAME)
+	$(PY) -m search.demo --name $(NAME)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q

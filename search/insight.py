@@ -31,16 +31,43 @@ class Insight:
     importances: dict[str, float] = field(default_factory=dict)  # all parameters, most important first
     n_completed: int = 0
     note: str | None = None  # why there are no importances (or no plots)
+    tpe: str | None = None  # how TPE's trials compare with its random start-up trials
 
     def top(self, k: int = TOP_K) -> list[tuple[str, float]]:
         return list(self.importances.items())[:k]
 
     def summary(self) -> str:
-        """One line for the terminal."""
+        """The terminal summary: the top importances (or why none), and TPE against its start-up trials."""
         if not self.importances:
-            return f"parameter importances: {self.note}"
-        top = ", ".join(f"{name} {value:.2f}" for name, value in self.top())
-        return f"what mattered most (fANOVA importance over {self.n_completed} completed trials): {top}"
+            line = f"parameter importances: {self.note}"
+        else:
+            top = ", ".join(f"{name} {value:.2f}" for name, value in self.top())
+            line = f"what mattered most (fANOVA importance over {self.n_completed} completed trials): {top}"
+        return line + (f"\n{self.tpe}" if self.tpe else "")
+
+
+def _objective(trial) -> float | None:
+    """What the leaderboard ranks by: a completed trial's value, a pruned one's value at the epoch it reached."""
+    from optuna.trial import TrialState
+
+    if trial.state == TrialState.COMPLETE:
+        return trial.value
+    if trial.state == TrialState.PRUNED and trial.intermediate_values:
+        return trial.intermediate_values[max(trial.intermediate_values)]
+    return None
+
+
+def tpe_against_startup(study, n_startup: int) -> str | None:
+    """'TPE: best of its 3 random start-up trials 0.812, best of the 9 trials it proposed 0.874'. With
+    constant_liar the sampler draws at random until n_startup trials exist, so those are the first numbers."""
+    scored = [(t.number, v) for t in study.get_trials(deepcopy=False) if (v := _objective(t)) is not None]
+    startup = [v for n, v in scored if n < n_startup]
+    proposed = [v for n, v in scored if n >= n_startup]
+    if not startup or not proposed:
+        return None
+    verdict = "better" if max(proposed) > max(startup) else "no better (yet)"
+    return (f"TPE: best of its {len(startup)} random start-up trials {max(startup):.3f}, best of the "
+            f"{len(proposed)} trials it proposed {max(proposed):.3f} ({verdict})")
 
 
 def _evaluator():
@@ -83,8 +110,9 @@ def _intermediate_values(oplt, study):
     return ax
 
 
-def explain(study, out_dir: str | Path) -> Insight:
-    """Write the four plots that have something to show into ``out_dir`` and compute the importances."""
+def explain(study, out_dir: str | Path, n_startup: int | None = None) -> Insight:
+    """Write the four plots that have something to show into ``out_dir`` and compute the importances;
+    ``n_startup``: TPE's random start-up trials, to say how the trials TPE proposed compare."""
     import optuna
     from optuna.trial import TrialState
 
@@ -98,7 +126,8 @@ def explain(study, out_dir: str | Path) -> Insight:
     trials = study.get_trials(deepcopy=False)
     n_completed = sum(t.state == TrialState.COMPLETE for t in trials)
     values, note = importances(study, n_completed)
-    insight = Insight(importances=values, n_completed=n_completed, note=note)
+    insight = Insight(importances=values, n_completed=n_completed, note=note,
+                      tpe=tpe_against_startup(study, n_startup) if n_startup else None)
     drawable = {"optimization_history": n_completed > 0, "param_importances": bool(values),
                 "parallel_coordinate": n_completed > 0,
                 "intermediate_values": any(t.intermediate_values for t in trials)}
@@ -121,7 +150,7 @@ def explain(study, out_dir: str | Path) -> Insight:
     return insight
 
 
-def explain_search(storage_url: str, name: str, out_dir: str | Path) -> Insight:
+def explain_search(storage_url: str, name: str, out_dir: str | Path, n_startup: int | None = None) -> Insight:
     """``explain`` on the persisted study of search ``name``; a missing study is a note, not an error."""
     from search.searcher import load_study
 
@@ -129,4 +158,4 @@ def explain_search(storage_url: str, name: str, out_dir: str | Path) -> Insight:
         study = load_study(storage_url, name)
     except KeyError:
         return Insight(note=f"no Optuna study {name!r} in {storage_url}")
-    return explain(study, out_dir)
+    return explain(study, out_dir, n_startup)

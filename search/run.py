@@ -543,7 +543,8 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
         parent_run_id=parent_run_id, child_run_id=child)
     best_path = out_dir / "best_config.json"
     report.write_json(best_path, record)
-    explained = insight.explain_search(plan.study_storage, plan.name, out_dir)  # Optuna's plots, importances
+    explained = insight.explain_search(plan.study_storage, plan.name, out_dir,  # Optuna's plots, importances
+                                       n_startup=searcher.startup_trials(plan.num_samples))
     pictures = [report.plot_roc(best, out_dir / "roc_best.png"),
                 report.plot_learning_curves(summaries, out_dir / "learning_curves.png"), *explained.pictures]
     kinds = [s.outcome.kind for s in summaries]

@@ -163,6 +163,11 @@ def settle_study(storage_url: str, name: str, outcomes: dict[str, tuple[Outcome,
     return settled
 
 
+def startup_trials(num_samples: int) -> int:
+    """TPE's random start-up trials: Optuna's default of 10 would leave a 16-trial search mostly random."""
+    return max(2, min(10, num_samples // 4))
+
+
 def make_sampler(seed: int, num_samples: int):
     import optuna
 
@@ -170,8 +175,7 @@ def make_sampler(seed: int, num_samples: int):
     # space (unfreeze_depth exists only for pretrained backbones) needs. Both are flagged experimental.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Ray's table already shows every trial
-    # Random start-up trials: Optuna's default of 10 would leave a 16-trial search mostly random.
-    n_startup = max(2, min(10, num_samples // 4))
+    n_startup = startup_trials(num_samples)
     # constant_liar: trials still running count as bad guesses, so parallel trials do not all get the same config.
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, group=True,
                                       constant_liar=True)

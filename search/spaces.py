@@ -99,6 +99,11 @@ def define_finetune(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> di
     return {"backbone": backbone, "pretrained": True, **_suggest_unfreeze(trial, backbone, opts)}
 
 
+def define_demo(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
+    _common(trial, (1e-4, 1e-2))
+    return {"backbone": backbones[0], "pretrained": False, "unfreeze_depth": None}
+
+
 def define_smoke(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
     trial.suggest_float("lr", 1e-3, 3e-2, log=True)
     trial.suggest_float("aug_strength", 0.0, 1.0)
@@ -115,6 +120,13 @@ SPACES: dict[str, Space] = {
               num_samples=16, max_epochs=8, grace_period=2, reduction_factor=3),
         Space("finetune", "one pretrained backbone (--backbone): unfreeze depth, lr, weight decay, augmentation",
               define_finetune, num_samples=16, max_epochs=6, grace_period=1, reduction_factor=3),
+        # `make demo` on 2 CPU cores in minutes. Batches of 16: on 512 patches an epoch is 32 steps, enough for
+        # the first epoch's AUC to tell learning rates apart (batches of 64 give 8 steps: noise), so ASHA's cut
+        # after epoch 1 (keep the top third) means something; 12 trials give TPE 9 after its 3 random ones.
+        Space("demo", "the CPU demo (make demo): baseline_bn on 512 training patches, batches of 16: lr, weight "
+              "decay, augmentation; ASHA keeps 1/3 after epoch 1 of 3", define_demo, num_samples=12, max_epochs=3,
+              grace_period=1, reduction_factor=3, constants={"max_train_samples": 512, "batch_size": 16},
+              searches_backbone=False),
         Space("smoke", "tiny CPU demo/test: baseline_bn on 256 training patches, lr and augmentation, 2 epochs",
               define_smoke, num_samples=4, max_epochs=2, grace_period=1, reduction_factor=2,
               constants={"max_train_samples": 256, "batch_size": 64}, searches_backbone=False),
@@ -154,9 +166,10 @@ def resolve_backbones(space: Space, opts: SpaceOptions) -> tuple[str, ...]:
         return (opts.backbone,)
     if opts.backbone:
         raise UserError(f"--backbone is for --space finetune; with --space {space.name} use --backbones a,b,c")
-    if space.name == "smoke":
+    if not space.searches_backbone:
         if opts.backbones:
-            raise UserError("--space smoke always uses baseline_bn; use --space backbones --backbones ... instead")
+            raise UserError(f"--space {space.name} always uses {DEFAULT_BASELINE}; "
+                            "use --space backbones --backbones ... instead")
         return (DEFAULT_BASELINE,)
     allowed = baseline_backbones() if space.name == "baseline" else known
     if opts.backbones:
@@ -169,7 +182,7 @@ def resolve_backbones(space: Space, opts: SpaceOptions) -> tuple[str, ...]:
 
 def pretrained_backbones_used(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> list[str]:
     """Backbones whose ImageNet weights the search will load (for the pre-flight weights check)."""
-    if not opts.pretrained or space.name in ("baseline", "smoke"):
+    if not opts.pretrained or space.name in ("baseline", "smoke", "demo"):
         return []
     pretrainable = set(pretrainable_backbones())
     return [b for b in backbones if b in pretrainable]

@@ -81,3 +81,18 @@ def test_an_empty_or_missing_study_is_a_note_not_a_crash(tmp_path):
     missing = insight.explain_search(storage, "never-ran", tmp_path / "out2")
     assert missing.pictures == [] and "no Optuna study 'never-ran'" in missing.summary()
     assert insight.explain_search(storage, "only-failed", tmp_path / "out3").n_completed == 0
+
+
+def test_tpe_is_compared_with_its_random_startup_trials(tmp_path):
+    _, study = _search_like_study(tmp_path, n_complete=6, n_pruned=3)
+    # What the leaderboard ranks by: completed trials' values, pruned ones' value at the epoch they reached.
+    objective = {t.number: t.value if t.state == TrialState.COMPLETE else t.intermediate_values[1]
+                 for t in study.trials if t.state != TrialState.FAIL}
+    first, rest = max(objective[n] for n in range(3)), max(v for n, v in objective.items() if n >= 3)
+    line = insight.tpe_against_startup(study, n_startup=3)
+    assert line == (f"TPE: best of its 3 random start-up trials {first:.3f}, best of the {len(objective) - 3} "
+                    f"trials it proposed {rest:.3f} ({'better' if rest > first else 'no better (yet)'})")
+    assert insight.explain(study, tmp_path / "out", n_startup=3).summary().splitlines()[1] == line
+    assert insight.tpe_against_startup(study, n_startup=50) is None  # nothing proposed by TPE yet
+    best = max(objective, key=objective.get)
+    assert insight.tpe_against_startup(study, n_startup=best + 1).endswith("(no better (yet))")
