@@ -53,7 +53,7 @@ def test_no_pretrained_and_backbones_restriction():
     assert all(c["unfreeze_depth"] is None and c["pretrained"] is False for c in configs)
 
 
-def test_baseline_finetune_and_smoke_spaces():
+def test_baseline_finetune_demo_and_smoke_spaces():
     base = sample("baseline", SpaceOptions())
     assert {c["backbone"] for c in base} == {n for n in MODELS if not is_pretrainable(n)}
     assert all(0 <= c["dropout"] <= 0.5 and not c["pretrained"] for c in base)
@@ -64,6 +64,11 @@ def test_baseline_finetune_and_smoke_spaces():
     assert all(c["backbone"] == "baseline_bn" and c["max_train_samples"] <= 512 and c["epochs"] == 2 for c in smoke)
     assert {c["precision"] for c in smoke} == {"auto"}
     assert {c["precision"] for c in sample("smoke", SpaceOptions(precision="fp32"), n=3)} == {"fp32"}  # --precision
+    demo = sample("demo", SpaceOptions(max_epochs=3), n=20)
+    assert all(c["backbone"] == "baseline_bn" and not c["pretrained"] and c["batch_size"] == 16 for c in demo)
+    assert all(1e-4 <= c["lr"] <= 1e-2 and 0 <= c["aug_strength"] <= 1 for c in demo)
+    with pytest.raises(UserError, match="--space demo always uses baseline_bn"):
+        resolve_backbones(get_space("demo"), SpaceOptions(backbones=("resnet18",)))
 
 
 @pytest.mark.parametrize("space, opts, match", [
@@ -80,7 +85,7 @@ def test_bad_backbone_options(space, opts, match):
 
 
 def test_unknown_space():
-    with pytest.raises(UserError, match="unknown --space 'big'.*backbones, baseline, finetune, smoke"):
+    with pytest.raises(UserError, match="unknown --space 'big'.*backbones, baseline, finetune, demo, smoke"):
         get_space("big")
 
 
