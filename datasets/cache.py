@@ -19,17 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.defaults import default_cache_root
 from datasets.errors import DataError
 from datasets.source import CACHE_VERSION, Source
 
 SHAPE = (96, 96, 3)
 IMAGES, INDEX, META = "images.u8", "index.npz", "meta.json"
-
-
-def default_cache_root() -> Path:
-    """``$PCAM_TUNE_CACHE``, else ``~/.cache/pcam-tune``."""
-    env = os.environ.get("PCAM_TUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pcam-tune"
 
 
 @dataclass

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from datasets.cache import default_cache_root, prepare_dataset
+from datasets.cache import prepare_dataset
+from datasets.defaults import default_cache_root
 from datasets.errors import run_cli
 
 

@@ -227,7 +227,8 @@ def get_args_parser():
 
 
 def load_data(args):
-    from datasets.cache import default_cache_root, prepare_dataset
+    from datasets.cache import prepare_dataset
+    from datasets.defaults import default_cache_root
     from datasets.synthetic import ensure_synthetic
 
     data_dir = args.data_dir or (str(REAL_SAMPLE) if (REAL_SAMPLE / "train_labels.csv").is_file()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.defaults import results_root
 from datasets.errors import DataError, UserError, run_cli
 from search import refit_outputs
 from search import submission as sub
@@ -34,7 +35,6 @@ from search.ensemble import Ensemble, Member, average, fit_members, fold_members
 from search.refit_tracking import (epoch_reporter, log_member_metrics, log_outputs, member_run, mlflow_uri,
                                    refit_mode, tracking_run)
 from search.report import write_json
-from search.run import results_root
 
 PREDICT_CHUNK = 4096  # rows decoded from the memmap at a time (57k full test set would be 1.6 GB)
 
@@ -172,7 +172,7 @@ class Fitted:
 
 
 def refit(args) -> dict:
-    results = results_root(args)
+    results = results_root(args.results_dir)
     best = find_best(results, args.name)
     out_dir = results / best["name"]
     clean_killed_outputs(out_dir)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.cache import pid_alive
+from datasets.defaults import default_tracking_uri, results_root
 from search.ensemble import Member
-from search.run import results_root
 
 ROLE_TAG = "pcam_tune.role"  # as search.tracking's parent/trial runs; "refit" / "refit-member" mark ours
 PID_TAG = "pcam_tune.pid"  # lets a later refit tell a killed run from a live one
@@ -52,10 +52,10 @@ class tracking_run:
         if self.args.no_mlflow:
             return None
         import mlflow
-        from search.tracking import client, default_tracking_uri, experiment_id
+        from search.tracking import client, experiment_id
 
         # The search's store unless told otherwise: the refit run sits beside the trials it came from.
-        uri = self.args.tracking_uri or self.best.get("tracking_uri") or default_tracking_uri(results_root(self.args))
+        uri = self.args.tracking_uri or self.best.get("tracking_uri") or default_tracking_uri(results_root(self.args.results_dir))
         # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI: put the caller's back on exit, so a later
         # search in the same process (a notebook, the tests) does not silently log into this store.
         self._caller_uri = os.environ.get("MLFLOW_TRACKING_URI")

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from datasets import defaults
 from datasets.errors import UserError, run_cli
 from search import cluster, insight, report, searcher, tracking
 from search.outcome import MODE, OBJECTIVE
@@ -167,7 +168,8 @@ def resource_defaults(args, cpus: int, gpus: int, num_samples: int, where: str =
 
 
 def results_root(args) -> Path:
-    return Path(args.results_dir or os.environ.get("PCAM_TUNE_RESULTS") or "results").resolve()
+    """The results root of these CLI args (the rule is datasets.defaults')."""
+    return defaults.results_root(args.results_dir)
 
 
 def _is_uri(path: str) -> bool:
@@ -274,7 +276,7 @@ def make_plan(argv=None) -> Plan | None:
                 reduction_factor=args.reduction_factor or space.reduction_factor, time_budget_s=time_budget_s,
                 cpus_per_trial=cpt, gpus_per_trial=gpt, max_concurrent=conc, name=name, results_dir=results,
                 storage_path=storage, experiment_path=join_storage(storage, name), resume=resume,
-                tracking_uri=tracking.default_tracking_uri(results, args.tracking_uri),
+                tracking_uri=defaults.default_tracking_uri(results, args.tracking_uri),
                 study_storage=args.study_storage or searcher.study_storage_url(results))
 
 

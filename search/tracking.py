@@ -28,11 +28,6 @@ TRIAL_ID_TAG = "trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 
 
-def default_tracking_uri(results_dir: Path, cli_uri: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<results>/mlflow.db (absolute path)."""
-    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(results_dir).resolve()}/mlflow.db"
-
-
 UI_ADDRESS = "http://127.0.0.1:5000"  # where ui_command (and `make ui`) serves
 
 

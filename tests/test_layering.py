@@ -86,3 +86,14 @@ def test_no_import_runs_up_a_layer():
 def test_the_circle_finder_finds_circles():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_refit_reads_the_shared_defaults_without_starting_on_ray():
+    """refit_best finds the results root in datasets.defaults: importing it pulls in neither search.run nor Ray."""
+    import subprocess
+    import sys
+
+    code = ("import sys, search.refit_best; "
+            "print(sorted(m for m in ('ray', 'search.run') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
