@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from datasets.defaults import usable_cpus
 from datasets.errors import DataError
 
 SIZE = 96
@@ -43,7 +44,7 @@ def read_patch(path: str | os.PathLike) -> np.ndarray:
 
 def decode_workers() -> int:
     # Decoding a 27 KB tif is part I/O, part zlib-free memcpy: threads overlap the I/O and PIL drops the GIL.
-    return max(2, min(16, 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)))
+    return max(2, min(16, 2 * usable_cpus()))
 
 
 def read_patches_into(out: np.ndarray, paths: Sequence[str | os.PathLike], progress: bool = True,

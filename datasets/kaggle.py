@@ -48,7 +48,11 @@ def is_kaggle_layout(data_dir: Path) -> bool:
 
 
 def read_table(path: Path, columns: tuple[str, ...], fix: str) -> list[tuple[int, dict[str, str]]]:
-    """Rows of a csv as (line number, row) with the required ``columns`` checked; ``fix`` says how to get one."""
+    """Rows of a csv as (line number, row) with the required ``columns`` checked; ``fix`` says how to get one.
+
+    The one reader of pcam-tune's csvs: the Kaggle layout's, slide maps, and search.submission's test labels,
+    sample submissions and submissions read back.
+    """
     if not path.is_file():
         raise DataError(f"{path}: not found; {fix}")
     try:
@@ -56,15 +60,17 @@ def read_table(path: Path, columns: tuple[str, ...], fix: str) -> list[tuple[int
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
             if not header:
-                raise DataError(f"{path}: file is empty; expected a header '{','.join(columns)}' and one row per patch")
+                raise DataError(f"{path}: file is empty, not a readable CSV; expected a header '{','.join(columns)}' "
+                                f"and one row per patch")
             missing = [c for c in columns if c not in header]
             if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)} (header is {','.join(header)!r}); "
-                                f"the header must be '{','.join(columns)}'")
+                raise DataError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}: its header "
+                                f"{','.join(header)!r} lacks column(s) the file needs; the header must be '{','.join(columns)}'")
             reader.fieldnames = header
             rows = [(n + 2, {k: (v or "").strip() for k, v in r.items() if k is not None}) for n, r in enumerate(reader)]
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not a UTF-8 text csv; save it as plain csv with header '{','.join(columns)}'") from None
+        raise DataError(f"{path}: not a readable CSV (not UTF-8 text); save it as plain csv with header "
+                        f"'{','.join(columns)}'") from None
     if not rows:
         raise DataError(f"{path}: has a header but no rows; expected one row per patch")
     return rows
@@ -79,7 +85,8 @@ def check_ids(path: Path, rows: list[tuple[int, dict[str, str]]]) -> np.ndarray:
             raise DataError(f"{path} line {line}: id {i!r} is not a safe file name (no paths, '..' or leading dots); "
                             f"ids must be plain file stems like the Kaggle hashes")
         if i in seen:
-            raise DataError(f"{path} line {line}: duplicate id {i!r} (first at line {seen[i]}); remove one of the rows")
+            raise DataError(f"{path} line {line}: duplicate id {i!r}: id {i!r} appears more than once (first at line "
+                            f"{seen[i]}); remove one of the rows")
         seen[i] = line
     return np.array([r["id"] for _, r in rows], dtype=str)
 
@@ -90,10 +97,16 @@ def read_labels(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
     ids = check_ids(path, rows)
     labels = np.empty(len(rows), np.int8)
     for k, (line, r) in enumerate(rows):
-        if r["label"] not in ("0", "1", "0.0", "1.0"):
+        label = binary_label(r["label"])
+        if label is None:
             raise DataError(f"{path} line {line}: label {r['label']!r} of id {r['id']!r} is not 0 or 1; fix the row")
-        labels[k] = int(float(r["label"]))
+        labels[k] = label
     return ids, labels
+
+
+def binary_label(text: str) -> int | None:
+    """0 or 1 from a csv cell ("0", "1", "0.0", "1.0"); None for anything else."""
+    return {"0": 0, "1": 1, "0.0": 0, "1.0": 1}.get(text)
 
 
 def _check_files(folder: Path, ids: np.ndarray, listed_in: Path) -> None:

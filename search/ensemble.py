@@ -245,7 +245,7 @@ class Ensemble:
 def load_ensemble(path: str | os.PathLike) -> Ensemble:
     """An :class:`Ensemble` from a model file of either format (weights_only: no pickle)."""
     import torch
-    from trainables.train import load_model, pick_device
+    from trainables.train import load_model, model_from_state, pick_device
 
     path = Path(path)
     if not path.is_file():
@@ -258,15 +258,5 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
     if not (isinstance(blob, dict) and blob.get("format") == ENSEMBLE_FORMAT):
         return Ensemble([load_model(path)])
     device = pick_device()
-    members = [(network(m["config"], m["state_dict"]).to(device), m["config"]) for m in blob["members"]]
+    members = [(model_from_state(m["config"], m["state_dict"], device), m["config"]) for m in blob["members"]]
     return Ensemble(members, [m["name"] for m in blob["members"]])
-
-
-def network(config: dict, state_dict: dict):
-    """The network of ``config`` holding ``state_dict``, in eval mode (no pretrained download: every weight is given)."""
-    from trainables.models import build_model
-
-    net = build_model(config["backbone"], pretrained=False, unfreeze_depth=config["unfreeze_depth"],
-                      dropout=config["dropout"])
-    net.load_state_dict(state_dict)
-    return net.eval()

@@ -311,9 +311,8 @@ def train(m: Member, cache, log_to_mlflow: bool):
 
 def checkpoint_model(best: dict, cache, test_rows, args) -> Fitted:
     """--from-checkpoint: the best trial's own weights (trained on the train split only), no refit."""
-    from search.ensemble import network
     from search.storage import local_checkpoint
-    from trainables.train import load_checkpoint, CHECKPOINT_FILE
+    from trainables.train import CHECKPOINT_FILE, load_checkpoint_model
 
     folder = best.get("checkpoint_path")
     missing = UserError(f"the best trial's checkpoint {folder} is missing ({best['_path']}): "
@@ -323,12 +322,10 @@ def checkpoint_model(best: dict, cache, test_rows, args) -> Fitted:
     with local_checkpoint(folder) as local:  # a folder, or a download of an object-store URI
         if not (local / CHECKPOINT_FILE).is_file():
             raise missing
-        state = load_checkpoint(local)
-    print(f"using the best trial's checkpoint {folder} (epoch {state['epoch']}), no refit")
-    net, cfg = network(state["config"], state["model"]), state["config"]
+        net, cfg, epoch = load_checkpoint_model(local)
+    print(f"using the best trial's checkpoint {folder} (epoch {epoch}), no refit")
     probs = None if test_rows is None else predict_cache_rows(net, cache, test_rows, cfg, not args.no_tta, args.batch_size)
-    return Fitted(Ensemble([(net, cfg)], ["checkpoint"]), probs,
-                  {"epochs": int(state["epoch"]), "seed": cfg["seed"], "members": []})
+    return Fitted(Ensemble([(net, cfg)], ["checkpoint"]), probs, {"epochs": epoch, "seed": cfg["seed"], "members": []})
 
 
 def write_outputs(version: Path, fitted: Fitted, cache, ids, summary) -> None:

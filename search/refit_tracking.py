@@ -14,8 +14,8 @@ import numpy as np
 from datasets.cache import pid_alive
 from datasets.defaults import default_tracking_uri, results_root
 from search.ensemble import Member
+from search.tracking import ROLE_TAG  # "refit" / "refit-member" mark ours, beside the search's parent/trial
 
-ROLE_TAG = "pcam_tune.role"  # as search.tracking's parent/trial runs; "refit" / "refit-member" mark ours
 PID_TAG = "pcam_tune.pid"  # lets a later refit tell a killed run from a live one
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from datasets import defaults
 from datasets.errors import UserError, run_cli
-from search import cluster, insight, report, searcher, tracking
+from search import cluster, insight, report, searcher, tracking, trial_runs
 from search.outcome import MODE, OBJECTIVE
 from search.spaces import SpaceOptions, define_by_run, get_space, list_spaces, pretrained_backbones_used, \
     resolve_backbones
@@ -132,7 +132,7 @@ def _positive(value, option: str, allow_zero: bool = False):
 
 def local_hardware() -> tuple[int, int]:
     """(CPUs usable by this process, CUDA GPUs). device_count() uses NVML and creates no CUDA context."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = defaults.usable_cpus()
     try:
         import torch
 
@@ -329,7 +329,7 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str):
     from ray.tune.schedulers import ASHAScheduler
 
     callbacks = [searcher.SchedulerStopMarker(plan.max_epochs),  # first: the others read its mark
-                 tracking.MlflowTrialCallback(plan.tracking_uri, plan.name, parent_run_id, plan.max_epochs)]
+                 trial_runs.MlflowTrialCallback(plan.tracking_uri, plan.name, parent_run_id, plan.max_epochs)]
     if plan.resume:
         # Searcher (TPE study), scheduler (ASHA rungs), trials and the callback come back from the experiment
         # state; finished trials are not re-run, unfinished ones continue from their latest checkpoint.

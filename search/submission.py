@@ -14,6 +14,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from datasets import kaggle
 from datasets.cache import fsync_file, pid_alive
 from datasets.errors import DataError, UserError
 
@@ -43,31 +44,18 @@ def clean_stale_tmp(final: Path) -> list[Path]:
 
 
 def read_id_csv(path: Path, what: str, need_label: bool = False) -> pd.DataFrame:
-    """Read an ``id[,label]`` CSV with ids as strings; one-line DataError on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} {path} not found")
-    try:
-        df = pd.read_csv(path, dtype={"id": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"{what} {path} is not a readable CSV ({str(e).splitlines()[0]})") from None
-    missing = [c for c in (["id", "label"] if need_label else ["id"]) if c not in df.columns]
-    if missing:
-        raise DataError(f"{what} {path} lacks column(s) {', '.join(missing)} (expected a header 'id,label')")
-    if df["id"].isna().any():
-        row = int(np.flatnonzero(df["id"].isna().to_numpy())[0]) + 2  # +1 header, +1 one-based
-        raise DataError(f"{what} {path} row {row}: empty id")
-    dup = df["id"][df["id"].duplicated()]
-    if len(dup):
-        raise DataError(f"{what} {path}: id {dup.iloc[0]!r} appears more than once")
-    return df
+    """An ``id[,label]`` csv as a DataFrame of strings, read and checked by datasets.kaggle's reader (one-line
+    DataError naming the file and line: not found, empty, missing columns, unsafe or duplicate ids)."""
+    rows = kaggle.read_table(Path(path), ("id", "label") if need_label else ("id",), f"pass the {what} (an id,label csv)")
+    kaggle.check_ids(Path(path), rows)
+    return pd.DataFrame([r for _, r in rows], dtype=str)
 
 
 def read_test_labels(path: Path, ids: np.ndarray) -> np.ndarray:
     """Labels (0/1, int8) of ``ids`` from an ``id,label`` CSV such as pcam_sample/test_labels.csv."""
     df = read_id_csv(path, "--test-labels file", need_label=True)
-    labels = pd.to_numeric(df["label"], errors="coerce")
-    bad = ~labels.isin([0, 1])
+    labels = df["label"].map(kaggle.binary_label)
+    bad = labels.isna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(f"--test-labels file {path} row {row + 2}: label {str(df['label'].iloc[row])!r} is not 0 or 1")

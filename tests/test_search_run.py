@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from search import run as search_run
-from search import tracking
+from search import tracking, trial_runs
 
 NUM_SAMPLES = 4
 
@@ -252,7 +252,7 @@ def test_errored_and_diverged_trials_are_recorded_and_the_search_goes_on(ray_ses
                      "batch_size": 64, "lr": tune.grid_search([3e-3, 1e30, -1.0])},
         tune_config=tune.TuneConfig(metric="val_auc", mode="max", max_concurrent_trials=2),
         run_config=tune.RunConfig(name="reliability", storage_path=str(storage), verbose=0,
-                                  callbacks=[tracking.MlflowTrialCallback(uri, "reliability", parent, 2)]))
+                                  callbacks=[trial_runs.MlflowTrialCallback(uri, "reliability", parent, 2)]))
     grid = tuner.fit()
     by_lr = {s.config["lr"]: s for s in report.summarize(grid, max_epochs=2)}
     assert by_lr[3e-3].status == "completed" and by_lr[3e-3].best_val_auc > 0.5

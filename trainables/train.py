@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datasets.defaults import usable_cpus
 from datasets.errors import UserError, run_cli
 from trainables.augment import augment_batch, dihedral_view
 from trainables.fastpath import PRECISIONS, FastPath, check_precision, choose, reuse_freed_memory
@@ -110,10 +111,7 @@ def trial_cpus() -> int:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if cpus:
             return max(1, int(cpus))
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return usable_cpus()
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -486,11 +484,24 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     except Exception as e:  # unpickling errors, truncated files, foreign dicts
         raise UserError(f"{path} is not a pcam-tune model file ({type(e).__name__}); "
                         f"write one with save_model / --out") from None
-    # The saved state dict holds every weight: no need (or network) for ImageNet weights.
-    model = build_model(cfg["backbone"], pretrained=False, unfreeze_depth=cfg["unfreeze_depth"],
-                        dropout=cfg["dropout"])
-    model.load_state_dict(blob["state_dict"])
-    return model.to(device or pick_device()).eval(), cfg
+    return model_from_state(cfg, blob["state_dict"], device or pick_device()), cfg
+
+
+def model_from_state(config: dict, state_dict: dict, device: torch.device | str | None = None) -> nn.Module:
+    """The network of ``config`` holding ``state_dict``, in eval mode (on ``device``, default: where it was built).
+
+    The state dict holds every weight: no need (or network) for ImageNet weights.
+    """
+    model = build_model(config["backbone"], pretrained=False, unfreeze_depth=config["unfreeze_depth"],
+                        dropout=config["dropout"])
+    model.load_state_dict(state_dict)
+    return (model if device is None else model.to(device)).eval()
+
+
+def load_checkpoint_model(folder: str | os.PathLike) -> tuple[nn.Module, dict, int]:
+    """(model in eval mode on the CPU, config, epoch) of a Tune checkpoint folder (what every trial saves)."""
+    state = load_checkpoint(folder)
+    return model_from_state(state["config"], state["model"]), state["config"], int(state["epoch"])
 
 
 # --- CLI ----------------------------------------------------------------------------------------
