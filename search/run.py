@@ -21,7 +21,7 @@ from datasets.errors import UserError, run_cli
 from search import cluster, insight, report, searcher, tracking, trial_runs
 from search.outcome import MODE, OBJECTIVE
 from search.spaces import SpaceOptions, define_by_run, get_space, list_spaces, pretrained_backbones_used, \
-    resolve_backbones
+    resolve_backbones, searched_keys
 from search.storage import check_storage_path, join as join_storage, uri_for
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -381,17 +381,7 @@ def make_reporter(plan: Plan):
 def table_columns(plan: Plan) -> list[str]:
     """The searched keys of this space, for the live table (CLIReporter fails on a key a config lacks,
     and conditional keys such as unfreeze_depth are always present, as None when not drawn)."""
-    import optuna
-
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    define = define_by_run(plan.space, plan.backbones, plan.opts)
-    searched = {"backbone"} if len(plan.backbones) > 1 else set()
-    for _ in range(20):
-        trial = study.ask()
-        define(trial)
-        searched |= set(trial.params)
-    order = ("backbone", "lr", "weight_decay", "aug_strength", "unfreeze_depth", "batch_size", "dropout")
-    return [k for k in order if k in searched]
+    return searched_keys(plan.space, plan.backbones, plan.opts)
 
 
 def start_ray(plan: Plan) -> None:

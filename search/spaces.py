@@ -36,6 +36,9 @@ class Space:
     name: str
     description: str
     define: Callable[..., dict]  # define(trial, backbones, opts) -> constants
+    # The config keys ``define`` draws (its trial.suggest_* names), in the live table's column order;
+    # "unfreeze_depth" only where a pretrained backbone can draw it (see searched_keys).
+    searched: tuple[str, ...]
     # Defaults the CLI uses unless overridden; the smoke space keeps CI and the CPU demo short.
     num_samples: int = 16
     max_epochs: int = 5
@@ -114,21 +117,24 @@ SPACES: dict[str, Space] = {
     s.name: s
     for s in [
         Space("backbones", "backbone choice (baseline_bn + torchvision) x lr, weight decay, unfreeze depth "
-              "(pretrained only), augmentation, batch size", define_backbones, num_samples=24, max_epochs=8,
-              grace_period=2, reduction_factor=3),
+              "(pretrained only), augmentation, batch size", define_backbones,
+              ("backbone", "lr", "weight_decay", "aug_strength", "unfreeze_depth", "batch_size"), num_samples=24,
+              max_epochs=8, grace_period=2, reduction_factor=3),
         Space("baseline", "baseline CNNs from scratch: lr, weight decay, augmentation, dropout", define_baseline,
-              num_samples=16, max_epochs=8, grace_period=2, reduction_factor=3),
+              ("backbone", "lr", "weight_decay", "aug_strength", "dropout"), num_samples=16, max_epochs=8, grace_period=2,
+              reduction_factor=3),
         Space("finetune", "one pretrained backbone (--backbone): unfreeze depth, lr, weight decay, augmentation",
-              define_finetune, num_samples=16, max_epochs=6, grace_period=1, reduction_factor=3),
+              define_finetune, ("lr", "weight_decay", "aug_strength", "unfreeze_depth"), num_samples=16, max_epochs=6,
+              grace_period=1, reduction_factor=3),
         # `make demo` on 2 CPU cores in minutes. Batches of 16: on 512 patches an epoch is 32 steps, enough for
         # the first epoch's AUC to tell learning rates apart (batches of 64 give 8 steps: noise), so ASHA's cut
         # after epoch 1 (keep the top third) means something; 12 trials give TPE 9 after its 3 random ones.
         Space("demo", "the CPU demo (make demo): baseline_bn on 512 training patches, batches of 16: lr, weight "
-              "decay, augmentation; ASHA keeps 1/3 after epoch 1 of 3", define_demo, num_samples=12, max_epochs=3,
-              grace_period=1, reduction_factor=3, constants={"max_train_samples": 512, "batch_size": 16},
-              searches_backbone=False),
+              "decay, augmentation; ASHA keeps 1/3 after epoch 1 of 3", define_demo,
+              ("lr", "weight_decay", "aug_strength"), num_samples=12, max_epochs=3, grace_period=1, reduction_factor=3,
+              constants={"max_train_samples": 512, "batch_size": 16}, searches_backbone=False),
         Space("smoke", "tiny CPU demo/test: baseline_bn on 256 training patches, lr and augmentation, 2 epochs",
-              define_smoke, num_samples=4, max_epochs=2, grace_period=1, reduction_factor=2,
+              define_smoke, ("lr", "aug_strength"), num_samples=4, max_epochs=2, grace_period=1, reduction_factor=2,
               constants={"max_train_samples": 256, "batch_size": 64}, searches_backbone=False),
     ]
 }
@@ -196,3 +202,11 @@ def define_by_run(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) 
 
 def _define_with_constants(define, backbones, opts, constants, trial) -> dict:
     return {**constants, **define(trial, backbones, opts)}
+
+
+def searched_keys(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> list[str]:
+    """The keys this search draws (the rest of a config is constant): the space's declared ``searched``, less
+    unfreeze_depth when no backbone of the search can draw it (from scratch, or no pretrainable backbone)."""
+    m = _models()
+    depth_drawn = opts.pretrained and any(m.is_pretrainable(b) for b in backbones)
+    return [k for k in space.searched if k != "unfreeze_depth" or depth_drawn]

@@ -9,7 +9,7 @@ import pytest
 from datasets.errors import UserError
 from search import run as search_run
 from search.spaces import SPACES, SpaceOptions, define_by_run, get_space, list_spaces, \
-    resolve_backbones
+    resolve_backbones, searched_keys
 from trainables.models import MODELS, is_pretrainable, num_stages
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -149,3 +149,39 @@ def test_objective_is_the_best_healthy_epoch():
     assert best_of(hist + [{"epoch": 5, "val_auc": 0.9, "trial_status": "diverged"}]) == (0.8, 2)
     auc, epoch = best_of([])
     assert math.isnan(auc) and epoch == 0
+
+
+def drawn_keys(space_name: str, opts: SpaceOptions, n: int = 40) -> set[str]:
+    space = get_space(space_name)
+    fn = define_by_run(space, resolve_backbones(space, opts), opts)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    keys = set()
+    for _ in range(n):
+        trial = study.ask()
+        fn(trial)
+        keys |= set(trial.params)
+    return keys
+
+
+@pytest.mark.parametrize("space_name, opts", [
+    ("backbones", SpaceOptions(backbones=("baseline_bn", "mobilenet_v2"))),
+    ("backbones", SpaceOptions(backbones=("baseline_bn", "mobilenet_v2"), pretrained=False)),
+    ("backbones", SpaceOptions(backbones=("baseline", "baseline_bn"))),
+    ("baseline", SpaceOptions()),
+    ("finetune", SpaceOptions(backbone="resnet18")),
+    ("smoke", SpaceOptions()),
+])
+def test_every_space_declares_exactly_the_keys_it_draws(space_name, opts):
+    """Spaces are data: the live table's columns come from Space.searched, so it must match what define draws."""
+    space = get_space(space_name)
+    declared = searched_keys(space, resolve_backbones(space, opts), opts)
+    assert set(declared) == drawn_keys(space_name, opts), f"space {space_name!r}: fix Space.searched"
+    assert len(declared) == len(set(declared))
+
+
+def test_every_space_is_covered_by_the_declared_keys_test():
+    """A space added later (with its `searched` keys) gets sampled here too."""
+    for name in SPACES:
+        opts = SpaceOptions(backbone="resnet18") if name == "finetune" else SpaceOptions()
+        space = get_space(name)
+        assert set(searched_keys(space, resolve_backbones(space, opts), opts)) == drawn_keys(name, opts), name
