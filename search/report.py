@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from search import private_api
 from search.outcome import OBJECTIVE, Outcome, decide
 
 TOP_K = 10
@@ -86,9 +87,8 @@ def summarize(result_grid, max_epochs: int, budget_hit: bool = False, interrupte
 
     from trainables.train import best_of
 
-    # The ResultGrid builds its results in the order of the analysis' trials; the Trial objects add the
-    # trial state (finished or not), which a Result alone does not carry.
-    trials = result_grid._experiment_analysis.trials
+    # The Trial objects add the trial state (finished or not), which a Result alone does not carry.
+    trials = private_api.grid_trials(result_grid)
     out = []
     for trial, result in zip(trials, result_grid):
         hist = result.metrics_dataframe

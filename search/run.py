@@ -18,7 +18,7 @@ from pathlib import Path
 
 from datasets import defaults
 from datasets.errors import UserError, run_cli
-from search import cluster, insight, report, searcher, tracking, trial_runs
+from search import cluster, insight, private_api, report, searcher, tracking, trial_runs
 from search.outcome import MODE, OBJECTIVE
 from search.spaces import SpaceOptions, define_by_run, get_space, list_spaces, pretrained_backbones_used, \
     resolve_backbones, searched_keys
@@ -336,7 +336,7 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str):
         tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         # The restored RunConfig carries the reporter pickled by the first run; use this version's.
-        run_config = getattr(getattr(tuner, "_local_tuner", None), "get_run_config", lambda: None)()
+        run_config = private_api.restored_run_config(tuner)
         if run_config is not None:
             run_config.progress_reporter = make_reporter(plan)
         return tuner
@@ -468,7 +468,7 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
                                                 tags={"validation": validation})
     tuner = build_tuner(plan, make_trainable(plan, str(cache.path)), parent_run_id)
     started = time.monotonic()
-    grid, interrupted = fit_watching_ctrl_c(tuner)
+    grid, interrupted = private_api.fit_watching_ctrl_c(tuner)
     # Ray counts the budget across resumes, so a resumed search may hit it at once: any budget counts.
     budget_hit = bool(plan.time_budget_s) and (plan.resume or time.monotonic() - started >= 0.98 * plan.time_budget_s)
     unfinished = report.unfinished_trials(plan.experiment_path)
@@ -485,25 +485,6 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
         s.checkpoint_path = uri_for(s.checkpoint_path, plan.storage_path)
     plan.interrupted, plan.unfinished = interrupted, len(unfinished)
     return finish(plan, summaries, cache, data_dir, parent_run_id, out_dir)
-
-
-def fit_watching_ctrl_c(tuner):
-    """Tuner.fit(), and whether a Ctrl-C ended it. Ray swaps in its own SIGINT handler during fit, saves the
-    state on the first Ctrl-C, returns normally, and puts the previous handler back only in that case: so
-    finding our handler installed again afterwards means the search was interrupted."""
-    import signal
-
-    def second_ctrl_c(sig, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, second_ctrl_c)
-    try:
-        grid = tuner.fit()
-        ray_caught = signal.getsignal(signal.SIGINT) is second_ctrl_c and \
-            os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    return grid, ray_caught
 
 
 def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path) -> dict:

@@ -16,8 +16,8 @@ The study lives in an Optuna RDB storage (default ``sqlite:///<results>/optuna.d
 ``optuna-dashboard sqlite:///results/optuna.db`` shows it while the search runs, and a resumed search keeps
 using the same study (Ray pickles the searcher with its study; RDBStorage reconnects on unpickling).
 
-This module is the one place that touches ``OptunaSearch``'s private attributes (``_ot_trials``, ``_ot_study``,
-``_completed_trials``) and Optuna's ``FrozenTrial._trial_id``: tests/test_search_feedback.py fails with a clear message if a Ray upgrade renames them.
+``OptunaSearch``'s private attributes (``_ot_trials``, ``_ot_study``, ``_completed_trials``) and Optuna's
+``FrozenTrial._trial_id`` are reached through search.private_api, the one module that touches private parts.
 """
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ from typing import Callable
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
+from search import private_api
 from search.outcome import MODE, OBJECTIVE, STOP_MARK, Outcome, decide
 
 logger = logging.getLogger(__name__)
 RAY_TRIAL_ID = "ray_trial_id"  # Optuna user attribute: which Ray trial this is
 OUTCOME_ATTR = "outcome"  # Optuna user attribute: Outcome.label
-PRIVATE_ATTRS = ("_ot_trials", "_ot_study", "_completed_trials")  # of Ray's OptunaSearch, used here only
 
 
 def study_storage_url(results_dir: str | Path) -> str:
@@ -90,19 +90,20 @@ class FeedbackOptunaSearch(OptunaSearch):
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
-        ot_trial = self._ot_trials.get(trial_id)
+        ot_trial = private_api.optuna_trials(self).get(trial_id)
         if ot_trial is not None and config is not None:
             ot_trial.set_user_attr(RAY_TRIAL_ID, trial_id)
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if trial_id not in self._ot_trials:  # never suggested by this searcher: nothing to tell
+        asked, completed = private_api.optuna_trials(self), private_api.completed_trials(self)
+        if trial_id not in asked:  # never suggested by this searcher: nothing to tell
             return None
-        if trial_id in self._completed_trials:
+        if trial_id in completed:
             return super().on_trial_complete(trial_id, result, error)  # Ray's warning for a repeat
         outcome = decide(result, self._max_t, error=error, finished=True)
-        tell(self._ot_study, self._ot_trials[trial_id], outcome, result)
-        self._completed_trials.add(trial_id)
+        tell(private_api.optuna_study(self), asked[trial_id], outcome, result)
+        completed.add(trial_id)
 
 
 def _report_last(ot_trial, result: dict | None) -> None:
@@ -150,7 +151,7 @@ def settle_study(storage_url: str, name: str, outcomes: dict[str, tuple[Outcome,
     study = load_study(storage_url, name)
     settled = 0
     for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        trial = optuna.trial.Trial(study, frozen._trial_id)
+        trial = private_api.live_trial(study, frozen)
         ray_id = frozen.user_attrs.get(RAY_TRIAL_ID)
         if ray_id in outcomes:
             outcome, last = outcomes[ray_id]

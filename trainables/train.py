@@ -93,11 +93,16 @@ def fast_path(cfg: dict, device: torch.device, training: bool = True) -> FastPat
 
 
 def in_tune_session() -> bool:
+    """True inside a Ray Tune trial (public API: the Tune context has a trial id only there)."""
+    import warnings
+
     try:
-        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
-        return bool(_in_tune_session())
-    except Exception:
+        from ray import tune
+    except ImportError:
         return False
+    with warnings.catch_warnings():  # outside a trial Ray warns that get_trial_id is meant for Tune functions
+        warnings.simplefilter("ignore")
+        return tune.get_context().get_trial_id() is not None
 
 
 def trial_cpus() -> int:

@@ -1,0 +1,73 @@
+"""Every use of Ray's (and Optuna's) private parts, in one place; nothing else in pcam-tune touches them.
+
+Each one is here because Ray 2.60 has no public way to do it:
+- ``ResultGrid._experiment_analysis.trials``: the Trial objects behind a ResultGrid, in its order. A Result
+  carries no trial status (finished or not), which the leaderboard's outcomes need; re-reading the experiment
+  from storage with the public ExperimentAnalysis would cost a download on object stores and see Ray's
+  clean-up (every trial TERMINATED), not the run's own state.
+- ``Tuner._local_tuner.get_run_config()``: Tuner.restore takes no RunConfig, and the restored one carries the
+  progress reporter pickled by the first run (old columns, old code).
+- Ray's SIGINT handler read back after ``Tuner.fit``: fit returns normally after a Ctrl-C (state saved) and
+  says nothing; Ray puts the previous handler back only when it caught one (tune.tune._setup_signal_catching).
+- ``OptunaSearch._ot_trials``, ``._ot_study``, ``._completed_trials``: what search.searcher's feedback
+  subclass must reach to tell Optuna the real outcome of a trial Ray withheld results from.
+- Optuna's ``FrozenTrial._trial_id``: the storage id a ``optuna.trial.Trial`` needs to settle a RUNNING
+  trial after the search.
+
+tests/test_private_api.py fails with a message naming the part when an upgrade renames or changes one.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+OPTUNA_SEARCH_ATTRS = ("_ot_trials", "_ot_study", "_completed_trials")
+
+
+def grid_trials(result_grid) -> list:
+    """The ray.tune Trial objects of a ResultGrid, in the order of its results."""
+    return result_grid._experiment_analysis.trials
+
+
+def restored_run_config(tuner):
+    """The RunConfig a restored Tuner will run with (None if this Ray keeps it elsewhere: nothing replaced)."""
+    return getattr(getattr(tuner, "_local_tuner", None), "get_run_config", lambda: None)()
+
+
+def fit_watching_ctrl_c(tuner):
+    """Tuner.fit(), and whether a Ctrl-C ended it. Ray swaps in its own SIGINT handler during fit, saves the
+    state on the first Ctrl-C, returns normally, and puts the previous handler back only in that case: so
+    finding our handler installed again afterwards means the search was interrupted. A second Ctrl-C (during
+    Ray's saving, or with Ray's handler off) raises KeyboardInterrupt."""
+    def second_ctrl_c(sig, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, second_ctrl_c)
+    try:
+        grid = tuner.fit()
+        ray_caught = signal.getsignal(signal.SIGINT) is second_ctrl_c and \
+            os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return grid, ray_caught
+
+
+def optuna_trials(search) -> dict:
+    """OptunaSearch's Ray trial id -> optuna.trial.Trial it asked for."""
+    return search._ot_trials
+
+
+def optuna_study(search):
+    return search._ot_study
+
+
+def completed_trials(search) -> set:
+    """Ray trial ids OptunaSearch has already told Optuna about."""
+    return search._completed_trials
+
+
+def live_trial(study, frozen):
+    """An optuna.trial.Trial of ``study`` for a FrozenTrial still RUNNING in its storage (to report/tell it)."""
+    import optuna
+
+    return optuna.trial.Trial(study, frozen._trial_id)
