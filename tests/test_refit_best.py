@@ -226,7 +226,7 @@ def test_predict_precision_option_overrides_the_models(refitted, tmp_path, capsy
     out = tmp_path / "scores.csv"
     argv = ["--model", str(refitted["model"]), "--images", str(folder), "--out", str(out)]
     assert predict.main([*argv, "--precision", "fp32"]) == 0
-    assert "fp32 channels_last (precision fp32 requested)" in capsys.readouterr().out
+    assert "fp32 NCHW (precision fp32 requested: the reference path" in capsys.readouterr().out
     fp32 = pd.read_csv(out)["label"].to_numpy()
     assert predict.main([*argv, "--precision", "bf16"]) == 0
     assert "bf16 channels_last (precision bf16 requested" in capsys.readouterr().out

@@ -72,7 +72,9 @@ def test_proc_cpuinfo_parsing(tmp_path):
 
 def test_explicit_precision_wins_and_emulated_bf16_says_so(cpu_with):
     cpu_with("avx512_bf16")
-    assert not choose("fp32", "baseline_bn", "cpu").bf16
+    ref = choose("fp32", "baseline_bn", "cpu")
+    assert (ref.bf16, ref.channels_last) == (False, False)          # the reference path: PyTorch's defaults
+    assert choose("fp32", "baseline_bn", "cuda").name == "fp32 NCHW"
     cpu_with("avx2")
     forced = choose("bf16", "baseline_bn", "cpu")
     assert forced.bf16 and "emulated" in forced.reason

@@ -242,7 +242,7 @@ def test_cli_prints_one_line_per_epoch(toy_dir, tmp_path, capsys, monkeypatch):
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("epoch")]
     assert len(lines) == 1 and "val_auc" in lines[0] and "img/s" in lines[0] and "completed" in lines[0]
-    assert "baseline: fp32 channels_last (precision fp32 requested), " in out.stdout
+    assert "baseline: fp32 NCHW (precision fp32 requested: the reference path, PyTorch's defaults), " in out.stdout
     assert load_model(tmp_path / "model.pt")[1]["precision"] == "fp32"   # a refit/predict reproduces it
     # Pretrained weights missing offline: one line naming the file, exit 2, no traceback.
     from trainables.train import main

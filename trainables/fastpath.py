@@ -16,8 +16,11 @@ The rule for ``auto`` (measured with ``python -m trainables.bench --layouts``; f
 - channels_last on every CPU: it beat NCHW for every model measured, in both precisions.
 - other devices (Apple MPS): fp32 NCHW, as before.
 
-``"fp32"`` / ``"bf16"`` force the precision (bf16 on a CPU without native support runs, emulated, with a
-warning in the reason); the layout rule stays. The request, not its resolution, is what a config carries:
+``"fp32"`` is the reference path: fp32 and NCHW, PyTorch's defaults on every device, what this project ran
+before the fast path and what every notebook runs (for parity checks, and the baseline every speed-up is
+measured against). ``"bf16"`` forces bf16 autocast with channels_last (emulated, with a warning in the
+reason, on a CPU without native support). ``auto`` may thus be faster than ``fp32`` even where it keeps fp32
+arithmetic (fp32 channels_last). The request, not its resolution, is what a config carries:
 a search, its refit and ``search.predict`` on the same machine resolve it the same way, and each prints or
 reports the resolution (``FastPath.name``, the ``fast_path`` epoch metric).
 """
@@ -139,14 +142,14 @@ def choose(precision: str, backbone: str, device: torch.device | str, training: 
     """The FastPath for ``precision`` (auto | fp32 | bf16) of ``backbone`` on ``device``."""
     check_precision(precision)
     dev = torch.device(device).type
+    if precision == "fp32":
+        return FastPath(dev, False, False, "precision fp32 requested: the reference path, PyTorch's defaults")
     if dev == "cuda":
         bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
         return FastPath("cuda", bf16, True, f"CUDA, precision {precision}")
     if dev != "cpu":
         return FastPath(dev, False, False, f"{dev}: fp32 NCHW (bf16 autocast not used on this device)")
     native = native_bf16()
-    if precision == "fp32":
-        return FastPath("cpu", False, True, "precision fp32 requested")
     if precision == "bf16":
         why = "precision bf16 requested" + ("" if native else
                                              "; this CPU has no native bf16: emulated, slower than fp32")

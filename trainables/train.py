@@ -534,7 +534,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
                    help="auto (default): bf16 + channels_last where this CPU has native bf16 and the model gains "
-                        "from it, else fp32; fp32 / bf16 force one (see docs/training.md)")
+                        "from it, else fp32 channels_last; fp32 = the reference path (fp32 NCHW, PyTorch's defaults); bf16 "
+                        "forces bf16 (see docs/training.md)")
     p.add_argument("--out", default=None, help="save the trained model here (load with trainables.train.load_model)")
     return p
 
