@@ -101,7 +101,7 @@ def test_fit_runs_in_the_precision_chosen_at_run_time(toy_cache, monkeypatch, na
     from trainables import fastpath
     monkeypatch.setattr(fastpath, "cpu_flags", lambda: frozenset({"avx512_bf16"} if native else {"avx2"}))
     dtypes = set()
-    from trainables import train as train_module
+    from trainables import loop as train_module
     real_build = train_module.build_model
 
     def build_and_watch(*args, **kwargs):
@@ -109,7 +109,7 @@ def test_fit_runs_in_the_precision_chosen_at_run_time(toy_cache, monkeypatch, na
         conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
         conv.register_forward_hook(lambda mod, inp, out: dtypes.add((mod.training, out.dtype)) if mod.training else None)
         return model
-    monkeypatch.setattr("trainables.train.build_model", build_and_watch)
+    monkeypatch.setattr("trainables.loop.build_model", build_and_watch)
     cfg = {**TINY, "backbone": "baseline_bn", "epochs": 1}
     model, history = fit(cfg, toy_cache, np.arange(64), np.arange(64, 96))
     expected = torch.bfloat16 if native else torch.float32

@@ -1,0 +1,188 @@
+"""One epoch and one evaluation: batches out of the decode-once memmap, the loss, the optimiser and its schedule,
+a training pass, and validation predictions (torchvision's references keep ``train_one_epoch`` and ``evaluate``
+together the same way). trainables.loop runs them epoch after epoch.
+
+Batches are fancy-indexed straight out of the uint8 memmap (datasets.cache) and everything after that - float
+conversion, augmentation, resizing, normalisation - happens batch-wise on the training device.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.augment import augment_batch, dihedral_view
+from trainables.config import fast_path
+from trainables.fastpath import FastPath, reuse_freed_memory
+
+
+class Diverged(Exception):
+    """The training loss became NaN/inf."""
+
+
+def get_batch(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, device: torch.device):
+    """Rows ``idx`` of the uint8 memmap as (uint8 NHWC images, float labels) on ``device``."""
+    idx = np.sort(idx)  # sequential reads from the memmap; order inside a batch is irrelevant
+    x = torch.from_numpy(np.ascontiguousarray(images[idx]))
+    y = torch.from_numpy(labels[idx].astype(np.float32))
+    if device.type == "cuda":
+        x, y = x.pin_memory(), y.pin_memory()
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def to_input(x_u8: torch.Tensor, cfg: dict, aug: bool, g: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1], augmented (training) and resized to input_size.
+
+    The memory layout is whatever costs least (FastPath.prepare_input sets the model's).
+    """
+    x = x_u8.permute(0, 3, 1, 2)
+    if aug:
+        x = augment_batch(x.contiguous(), float(cfg["aug_strength"]), g)
+    else:
+        x = x.float().div_(255)
+    size = int(cfg["input_size"] or x.shape[-1])
+    if size != x.shape[-1]:
+        # Augment at native resolution first: upsampling is the expensive part.
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x
+
+
+def model_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion,
+               path: FastPath) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (in ``path``'s precision) + loss in fp32. Returns (loss, float logits)."""
+    with path.autocast():
+        logits = model(x)
+    logits = logits.float()
+    return criterion(logits, y), logits
+
+
+class SmoothedBCE(nn.Module):
+    """BCE-with-logits with optional label smoothing (towards 0.5) and pos_weight."""
+
+    def __init__(self, label_smoothing: float = 0.0, pos_weight: float | None = None):
+        super().__init__()
+        self.smoothing = float(label_smoothing)
+        self.register_buffer("pos_weight", None if pos_weight is None else torch.tensor(float(pos_weight)))
+
+    def forward(self, logits, y):
+        if self.smoothing:
+            y = y * (1 - self.smoothing) + 0.5 * self.smoothing
+        return F.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight)
+
+
+def resolve_pos_weight(cfg: dict, train_labels: np.ndarray) -> float | None:
+    pw = cfg["pos_weight"]
+    if pw == "auto":
+        pos = int((train_labels == 1).sum())
+        return float((len(train_labels) - pos) / max(pos, 1))
+    return None if pw is None else float(pw)
+
+
+def make_optimizer(model: nn.Module, cfg: dict, steps_per_epoch: int):
+    """AdamW with linear warm-up then cosine decay, stepped per batch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    total = max(1, int(cfg["epochs"]) * steps_per_epoch)
+    warm = int(float(cfg["warmup_epochs"]) * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    # A trailing runt (< half a batch) is dropped: BatchNorm statistics of a few images are noise.
+    full, rest = divmod(n, batch_size)
+    return max(1, full + int(rest > 0 and rest >= batch_size // 2))
+
+
+def epoch_seed(cfg: dict, epoch: int) -> int:
+    # Seed per (seed, epoch): a run resumed at epoch e draws exactly what it would have drawn.
+    return int(cfg["seed"]) * 100_003 + epoch
+
+
+def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device, epoch: int,
+                    path: FastPath, progress: bool = False) -> tuple[float, int]:
+    """One pass over a seeded permutation of ``train_idx``. Returns (mean loss, images seen)."""
+    model.train()
+    seed = epoch_seed(cfg, epoch)
+    order = np.random.default_rng(seed).permutation(train_idx)
+    g = torch.Generator(device=device).manual_seed(seed)
+    bs = int(cfg["batch_size"])
+    n_batches = batches_per_epoch(len(order), bs)
+    total, seen = torch.zeros((), device=device), 0
+    batches = range(n_batches)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr)
+    for b in batches:
+        idx = order[b * bs:(b + 1) * bs]
+        x_u8, y = get_batch(cache.images, cache.labels, idx, device)
+        x = path.prepare_input(to_input(x_u8, cfg, aug=True, g=g))
+        loss, _ = model_step(model, x, y, criterion, path)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.detach() * len(idx)
+        seen += len(idx)
+        # Reading the loss forces a device sync: do it every few steps, not every step. NaN/inf
+        # propagate through the sum, so no diverged batch goes unnoticed.
+        if b % 16 == 15 or b == n_batches - 1:
+            mean = total.item() / seen
+            if not math.isfinite(mean):
+                raise Diverged(f"non-finite loss at epoch {epoch} batch {b}")
+            if progress:
+                batches.set_postfix(loss=f"{mean:.4f}")
+    return total.item() / seen, seen
+
+
+def predict_views(model, images: np.ndarray, cfg: dict, idx: np.ndarray | None = None,
+                  views: tuple[int, ...] = (0,), batch_size: int | None = None,
+                  path: FastPath | None = None) -> np.ndarray:
+    """P(tumour) for rows ``idx`` of ``images``, averaged over the given dihedral views.
+
+    ``path``: precision/layout (default: the config's inference choice); ``batch_size``: images per
+    forward pass (default: the path's, 64 on CPU). One view of a whole batch is a flip/transpose
+    copied into a buffer reused across views, so the only per-batch allocations are the model's own.
+    """
+    device = next(model.parameters()).device
+    path = path or fast_path(cfg, device, training=False)
+    batch_size = int(batch_size or path.inference_batch())
+    reuse_freed_memory()
+    model = path.prepare_model(model.eval())
+    idx = np.arange(len(images)) if idx is None else np.asarray(idx)
+    out = np.empty(len(idx), dtype=np.float32)
+    with torch.inference_mode():
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            x = torch.from_numpy(np.ascontiguousarray(images[chunk])).to(device)
+            base = path.prepare_input(to_input(x, cfg, aug=False))
+            buf = torch.empty_like(base) if len(views) > 1 or views[0] != 0 else None
+            probs = torch.zeros(len(chunk), device=device)
+            for k in views:
+                view = base if k == 0 else buf.copy_(dihedral_view(base, k))
+                with path.autocast():
+                    logits = model(view)
+                probs += torch.sigmoid(logits.float())
+            out[s:s + len(chunk)] = (probs / len(views)).cpu().numpy()
+    return out
+
+
+def evaluate(model, criterion, cache, val_idx, cfg, path: FastPath | None = None) -> dict:
+    """Validation loss/AUC/accuracy (plain BCE, no smoothing: comparable across configs)."""
+    from sklearn.metrics import roc_auc_score
+    probs = predict_views(model, cache.images, cfg, val_idx, path=path)
+    labels = cache.labels[val_idx].astype(np.float32)
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    loss = float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
+    auc = float(roc_auc_score(labels, probs)) if 0 < labels.sum() < len(labels) else 0.5
+    acc = float(((probs >= 0.5) == (labels == 1)).mean())
+    return {"val_loss": loss, "val_auc": auc, "val_acc": acc, "labels": labels, "probs": probs}
