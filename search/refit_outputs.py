@@ -1,4 +1,4 @@
-"""The refit's outputs as one unit: a version folder, published by swapping one symlink.
+"""Refit, step 4: its outputs, written into a version folder and published as one unit by swapping one symlink.
 
     results/NAME/
       refit-20260101-120000-4242/    model.pt, submission.csv, refit.json, oof.csv, test_roc_curve.png
@@ -12,18 +12,26 @@ published (and an orphan folder the next run removes), a kill after it the new p
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 import shutil
 import time
 from pathlib import Path
 
-from datasets.cache import fsync_file, pid_alive
+import numpy as np
+
+from datasets.cache import fsync_path, pid_alive
+from search import submission as sub
 from search.submission import TMP_MARK
 
 CURRENT = "refit"
 PREFIX = "refit-"
 # Files a refit may write, reachable at results/NAME/<file> through the published version.
 ENTRIES = ("model.pt", "submission.csv", "refit.json", "oof.csv", "test_roc_curve.png")
+
+if TYPE_CHECKING:
+    from search.refit_train import Fitted
 
 
 def new_version(out_dir: Path) -> Path:
@@ -44,11 +52,11 @@ def publish(out_dir: Path, version: Path) -> None:
     """Make ``version`` the published refit in one atomic rename, then drop the version it replaced."""
     for f in version.iterdir():
         if f.is_file():
-            fsync_file(f)
+            fsync_path(f)
     previous = published(out_dir)
     _swap_link(out_dir / CURRENT, version.name)
     _link_entries(out_dir, version)
-    _fsync_dir(out_dir)
+    fsync_path(out_dir)  # a power cut must not undo the swap
     if previous is not None and previous != version.resolve():
         shutil.rmtree(previous, ignore_errors=True)
 
@@ -98,10 +106,58 @@ def _link_entries(out_dir: Path, version: Path) -> None:
             _swap_link(entry, target)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames in ``folder`` durable (a power cut must not undo the swap)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def clean_killed_outputs(out_dir: Path) -> None:
+    """What an interrupted refit left: its unpublished version folder, temporaries of the older flat layout."""
+    if not out_dir.is_dir():
+        return
+    removed = clean_stale(out_dir)
+    for entry in ENTRIES:
+        removed += sub.clean_stale_tmp(out_dir / entry)
+    for path in removed:
+        print(f"removed {path.name}, left by an interrupted refit")
+
+
+def write_outputs(version: Path, fitted: Fitted, cache, ids, summary) -> None:
+    """model.pt, submission.csv (validated) and, for folds, oof.csv into the unpublished version folder."""
+    fitted.ensemble.save(version / "model.pt")
+    if ids is not None:
+        sub.write_submission(version / "submission.csv", ids, fitted.probs)
+        summary["submission"] = str(version.parent / "submission.csv")
+    else:
+        print("no test split in this data (no test/ + sample_submission.csv): wrote the model only")
+    if fitted.oof is not None:
+        write_oof(version / "oof.csv", fitted.oof, cache)
+        summary["oof"] = str(version.parent / "oof.csv")
+
+
+def write_oof(path: Path, oof: dict, cache) -> None:
+    """id,label,fold[,slide],prob of every labelled patch, each scored by the fold model that never trained on it."""
+    import pandas as pd
+
+    table = {"id": cache.ids[oof["rows"]], "label": oof["labels"], "fold": oof["fold"]}
+    if cache.groups is not None:
+        table["slide"] = cache.groups[oof["rows"]]
+    pd.DataFrame({**table, "prob": sub.exact_floats(oof["probs"])}).to_csv(path, index=False)
+    folds = ", ".join("n/a" if a is None else f"{a:.4f}" for a in oof["fold_aucs"])
+    print(f"out-of-fold AUC {oof['oof_auc']:.4f} on {len(oof['rows']):,} labelled patches (per fold: {folds}); "
+          f"each patch scored by the one model that never trained on it")
+
+
+def report_test_auc(labels, probs, labels_from, run, out_dir: Path) -> float | None:
+    """Print the test AUC; save the ROC curve beside the submission and log both to MLflow."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(labels)) < 2:
+        print(f"test labels from {labels_from} hold one class only: no AUC")
+        return None
+    auc = float(roc_auc_score(labels, probs))
+    print(f"test AUC {auc:.4f} on {len(labels):,} patches (labels from {labels_from})")
+    from search.report import roc_figure
+
+    fig = roc_figure(labels, probs, "refit", "Test ROC")
+    fig.savefig(out_dir / "test_roc_curve.png", dpi=100)
+    if run is not None:
+        import mlflow
+        mlflow.log_metric("test_auc", auc)
+        mlflow.log_figure(fig, "test_roc_curve.png")
+    return auc

@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from datasets.errors import UserError
-from search import run as search_run
+from search import plan as search_plan
 from search.spaces import SPACES, SpaceOptions, define_by_run, get_space, list_spaces, \
     resolve_backbones, searched_keys
 from trainables.models import MODELS, is_pretrainable, num_stages
@@ -92,26 +92,26 @@ def test_unknown_space():
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("1h30m", 5400), ("1.5h", 5400),
                                            (None, None)])
 def test_parse_duration(text, seconds):
-    assert search_run.parse_duration(text) == seconds
+    assert search_plan.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["-5", "0", "soon", "5d"])
 def test_parse_duration_rejects(text):
     with pytest.raises(UserError, match="--time-budget"):
-        search_run.parse_duration(text)
+        search_plan.parse_duration(text)
 
 
 def test_missing_weights_preflight_names_files_and_three_ways_out(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: nothing is available
     space, opts = get_space("backbones"), SpaceOptions(backbones=("baseline_bn", "resnet18", "mobilenet_v2"))
     with pytest.raises(UserError) as e:
-        search_run.check_weights(space, resolve_backbones(space, opts), opts)
+        search_plan.check_weights(space, resolve_backbones(space, opts), opts)
     msg = str(e.value)
     assert "\n" not in msg
     assert "resnet18: resnet18-" in msg and "mobilenet_v2: mobilenet_v2-" in msg and str(tmp_path) in msg
     assert "python -m trainables.weights import" in msg and "--backbones baseline_bn" in msg
     assert "--no-pretrained" in msg
-    search_run.check_weights(space, resolve_backbones(space, opts), SpaceOptions(pretrained=False))  # no error
+    search_plan.check_weights(space, resolve_backbones(space, opts), SpaceOptions(pretrained=False))  # no error
 
 
 def test_outcome_of_every_ending():

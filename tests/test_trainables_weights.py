@@ -179,7 +179,7 @@ def test_a_corrupt_download_fails_the_hash_check_and_leaves_nothing(mirror):
 
 
 def test_search_preflight_downloads_then_explains_an_offline_failure(mirror, monkeypatch):
-    from search.run import check_weights
+    from search.plan import check_weights
     from search.spaces import SpaceOptions, get_space, resolve_backbones
 
     src = _offline_file()

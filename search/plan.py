@@ -1,0 +1,180 @@
+"""What a search will do, decided and checked before Ray starts: the Plan.
+
+Order, so that every mistake the user can fix costs seconds, not a Ray start: options -> space/backbones ->
+pretrained weights (downloaded here, once) -> resources (search.resources) -> names and paths; a resumed search
+takes its first run's settings (search.settings).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import defaults
+from datasets.errors import UserError
+from search import cluster, resources, searcher, settings
+from search.spaces import SpaceOptions, get_space, pretrained_backbones_used, resolve_backbones
+from search.storage import check_storage_path, join as join_storage
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'90', '90s', '30m', '1.5h', '1h30m' -> seconds; None/'' -> None (no budget)."""
+    if text in (None, ""):
+        return None
+    s = str(text).strip().lower()
+    if s.startswith("-"):
+        raise UserError(f"--time-budget {text!r} is negative; give a positive duration like 600, 30m or 2h")
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        seconds = float(s)
+    else:
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", s)
+        if not parts or not any(parts.groups()):
+            raise UserError(f"--time-budget {text!r} is not a duration; use seconds (600) or 30m, 2h, 1h30m")
+        h, m, sec = (float(g or 0) for g in parts.groups())
+        seconds = h * 3600 + m * 60 + sec
+    if seconds <= 0:
+        raise UserError(f"--time-budget {text!r} must be more than zero")
+    return seconds
+
+
+@dataclass
+class Plan:
+    """Everything decided before Ray starts."""
+
+    args: argparse.Namespace
+    space: object
+    opts: SpaceOptions
+    backbones: tuple
+    num_samples: int
+    max_epochs: int
+    grace_period: int
+    reduction_factor: float
+    time_budget_s: float | None
+    cpus_per_trial: float
+    gpus_per_trial: float
+    max_concurrent: int
+    name: str
+    results_dir: Path
+    storage_path: str
+    experiment_path: str
+    resume: bool
+    tracking_uri: str
+    study_storage: str
+    interrupted: bool = False  # a Ctrl-C ended the search (exit code 130)
+    unfinished: int = 0  # trials left for --resume (Ctrl-C or time budget)
+
+
+def _positive(value, option: str, allow_zero: bool = False):
+    if value is not None and (value < 0 or (value == 0 and not allow_zero) or
+                              (isinstance(value, float) and not math.isfinite(value))):
+        raise UserError(f"{option} {value} must be {'zero or more' if allow_zero else 'more than zero'}")
+    return value
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _newest_experiment(storage_path: str, space: str | None) -> str | None:
+    if _is_uri(storage_path) or not Path(storage_path).is_dir():
+        return None
+    runs = [p for p in Path(storage_path).iterdir()
+            if (p / "tuner.pkl").is_file() and (space is None or p.name.startswith(f"{space}-"))]
+    return max(runs, key=lambda p: p.stat().st_mtime).name if runs else None
+
+
+def plan_search(args, argv) -> Plan:
+    """Check every option and decide the search (``argv``: the command line, for cluster address checks)."""
+    args.address = cluster.cluster_address(args.address, sys.argv[1:] if argv is None else argv)
+    results = defaults.results_root(args.results_dir)
+    storage = args.storage_path or str(results / "ray")
+    if not _is_uri(storage):
+        storage = str(Path(storage).resolve())
+    check_storage_path(storage)
+    cluster.check_job_paths(results_dir=results, storage_path=storage)
+    if args.space:
+        get_space(args.space)  # an unknown space fails first, whatever else is wrong
+    if args.resume and not args.name:
+        args.name = _newest_experiment(storage, args.space)
+        if not args.name:
+            raise UserError(f"--resume: no {args.space or ''} experiment found under {storage}; pass --name NAME")
+    if args.name and not NAME_RE.match(args.name):
+        raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' or '-' (up to 100 characters)")
+    from ray import tune
+
+    resume = bool(args.name) and tune.Tuner.can_restore(join_storage(storage, args.name))
+    if args.resume and not resume:
+        raise UserError(f"--resume: nothing to resume at {join_storage(storage, args.name)}; "
+                        "drop --resume to start a new search")
+    saved = settings.load_settings(results, args.name) if resume else None
+    if saved:
+        settings.apply_saved_settings(args, saved)
+    args.seed = 0 if args.seed is None else args.seed
+    if not args.space:
+        raise UserError("--space is required; one of: " + ", ".join(_space_names()) + " (see --list-spaces)")
+    space = get_space(args.space)
+    for opt in ("num_samples", "max_epochs", "grace_period", "max_concurrent"):
+        _positive(getattr(args, opt), "--" + opt.replace("_", "-"))
+    _positive(args.cpus_per_trial, "--cpus-per-trial")
+    _positive(args.gpus_per_trial, "--gpus-per-trial", allow_zero=True)
+    if args.reduction_factor is not None and args.reduction_factor <= 1:
+        raise UserError(f"--reduction-factor {args.reduction_factor} must be more than 1 (e.g. 2 or 3)")
+    time_budget_s = parse_duration(args.time_budget)
+    max_epochs = args.max_epochs or space.max_epochs
+    grace = args.grace_period or min(space.grace_period, max_epochs)
+    if grace > max_epochs:
+        raise UserError(f"--grace-period {grace} is more than --max-epochs {max_epochs}")
+    num_samples = args.num_samples or space.num_samples
+    if isinstance(args.backbones, str):
+        args.backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    args.pretrained = not args.no_pretrained if args.pretrained is None else args.pretrained
+    opts = SpaceOptions(backbones=tuple(args.backbones) if args.backbones else None, pretrained=args.pretrained,
+                        backbone=args.backbone, max_epochs=max_epochs, seed=args.seed,
+                        precision=args.precision or "auto")
+    backbones = resolve_backbones(space, opts)
+    check_weights(space, backbones, opts)
+
+    # On a cluster the resources are only known once connected (start_ray); locally check them now.
+    cpt, gpt, conc = (0.0, 0.0, 0) if args.address else resources.resource_defaults(args, *resources.local_hardware(), num_samples)
+    name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Plan(args=args, space=space, opts=opts, backbones=backbones, num_samples=num_samples,
+                max_epochs=max_epochs, grace_period=grace,
+                reduction_factor=args.reduction_factor or space.reduction_factor, time_budget_s=time_budget_s,
+                cpus_per_trial=cpt, gpus_per_trial=gpt, max_concurrent=conc, name=name, results_dir=results,
+                storage_path=storage, experiment_path=join_storage(storage, name), resume=resume,
+                tracking_uri=defaults.default_tracking_uri(results, args.tracking_uri),
+                study_storage=args.study_storage or searcher.study_storage_url(results))
+
+
+def _space_names():
+    from search.spaces import SPACES
+
+    return list(SPACES)
+
+
+def check_weights(space, backbones, opts) -> None:
+    """Before Ray starts: download the missing pretrained weights of the space's backbones once, here in the
+    driver (trials then find them in the cache), and stop with the ways out when a download fails."""
+    needed = pretrained_backbones_used(space, backbones, opts)
+    if not needed:
+        return
+    from trainables.weights import MIRROR_ENV, download_error, download_missing
+
+    missing = download_missing(needed, progress=True)
+    if not missing:
+        return
+    files = "; ".join(f"{b}: {f} (expected at {p})" for b, f, p, _ in missing)
+    have = [b for b in backbones if b not in {m[0] for m in missing}]
+    raise UserError(
+        f"pretrained weights missing for {len(missing)} backbone(s) and the download failed "
+        f"({download_error(missing[0][3])}): {files}. Ways out: "
+        f"(1) import a downloaded file: python -m trainables.weights import FILE --backbone NAME "
+        f"(or set ${MIRROR_ENV} to a mirror of torchvision's weight files); "
+        f"(2) restrict the search: --backbones {','.join(have) or 'baseline_bn'}; "
+        f"(3) train from scratch: --no-pretrained")
