@@ -95,8 +95,8 @@ def _remove_stale_builds(root: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def fsync_file(path: Path) -> None:
-    """Flush a written file to disk before it is renamed into place."""
+def fsync_path(path: Path) -> None:
+    """Flush a written file to disk before it is renamed into place; on a folder, make the renames in it durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -130,7 +130,7 @@ def build_cache(src: Source, final: Path, progress: bool = True) -> PatchCache:
                 "built_seconds": round(time.perf_counter() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / META).write_text(json.dumps(meta, indent=1))
         for f in (IMAGES, INDEX, META):
-            fsync_file(tmp / f)
+            fsync_path(tmp / f)
         try:
             os.rename(tmp, final)
         except OSError:  # another process completed the same cache first; theirs is identical

@@ -16,6 +16,9 @@ Strategies (same space, data, trial seed, budget of trial-epochs, concurrency):
 
 Default: the real sample (../shared/pcam_sample beside the repo) when present, else the embedded synthetic data;
 5 searcher seeds; a table (mean +- sd over seeds) and a PNG of held-out AUC vs budget.
+
+Why one module of ~300 lines: a measurement, not a product phase; its strategies, held-out scoring and curves
+must be read together to judge what it measures.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from datasets import kaggle
-from datasets.cache import fsync_file, pid_alive
+from datasets.cache import fsync_path, pid_alive
 from datasets.errors import DataError, UserError
 
 TMP_MARK = ".tmp-"  # temporary files are "<dir>/.<final name>.tmp-<pid>"; see atomic_path()
@@ -111,7 +111,7 @@ def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, expected_id
         # No float_format: pandas writes each float's shortest exact repr, so the file ranks the test
         # patches exactly as the model did (%.6g turned distinct probabilities near 0 and 1 into ties).
         df.to_csv(tmp, index=False)
-        fsync_file(tmp)
+        fsync_path(tmp)
         check_submission(read_id_csv(tmp, "submission"), expected, where=f"submission {tmp}")
         os.replace(tmp, path)
     finally:

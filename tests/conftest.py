@@ -30,3 +30,16 @@ def _restore_mlflow_tracking_uri():
         import mlflow
 
         mlflow.set_tracking_uri(before)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local 2-CPU Ray for a test module's real Tuner runs (left alone when one is already up)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()

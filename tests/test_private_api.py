@@ -14,19 +14,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 UPDATE = "a Ray/Optuna upgrade changed it: update search/private_api.py"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def _tuner(storage, name: str, epoch_seconds: float = 0.0, epochs: int = 2):
     from ray import tune
 

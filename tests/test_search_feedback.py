@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import optuna
 import pytest
@@ -19,19 +18,6 @@ from trainables.toy import toy_auc
 
 MAX_T, GRACE, RF = 4, 1, 2
 RUNGS = asha_rungs(GRACE, RF, MAX_T)  # {1, 2}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _define(trial, epoch_seconds=0.0, failures=True):
