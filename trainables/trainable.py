@@ -2,7 +2,8 @@
 engine). Inside a Tune session it reports the epoch metrics with a checkpoint every epoch and resumes from
 ``tune.get_checkpoint()``; outside one it prints a line per epoch. Also the checkpoint folder's files.
 
-Ray workers import it by module name (``trainables.train`` re-exports it: search.run passes that).
+Ray pickles the function by reference, so every worker imports this module by name (search.tuner passes
+``trainables.train.train_pcam``, the same function re-exported).
 """
 from __future__ import annotations
 
