@@ -123,3 +123,13 @@ def test_folded_colour_matrix_equals_the_step_by_step_definition(monkeypatch):
     cos, sin = v(h.cos()), v(h.sin())
     rotated = vec * cos + torch.cross(axis.expand_as(vec), vec, dim=-1) * sin + axis * (vec @ axis)[..., None] * (1 - cos)
     assert torch.allclose(out, rotated.permute(0, 3, 1, 2), atol=1e-5)
+
+
+def test_bf16_batches_are_the_fp32_augmentation_to_bf16_precision():
+    """A bf16 model's batches: the same draws and pixels as fp32, within bf16's rounding of the colour matrix."""
+    x = torch.randint(0, 256, (16, 3, 96, 96), dtype=torch.uint8)
+    a = augment.augment_batch(x, 0.7, torch.Generator().manual_seed(4))
+    b = augment.augment_batch(x, 0.7, torch.Generator().manual_seed(4), dtype=torch.bfloat16)
+    assert b.dtype == torch.bfloat16 and b.shape == a.shape
+    assert (a - b.float()).abs().max() < 0.01      # bf16 keeps 8 bits: ~1/256 relative
+    assert torch.equal(augment.augment_batch(x, 0.0, dtype=torch.bfloat16), x.to(torch.bfloat16) / 255)

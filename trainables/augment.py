@@ -109,7 +109,8 @@ def colour_jitter(x: torch.Tensor, strength: float, g=None, scale: float = 1.0) 
     ``scale`` multiplies the input first, inside A (1/255: 0..255 values in, [0, 1] out, one pass fewer).
     """
     n, ch, h, w = x.shape
-    dev, dt = x.device, x.dtype
+    # The per-sample matrices are made in fp32 whatever x holds (fp32, or bf16 for a bf16 model).
+    dev, dt = x.device, torch.float32
     b = 1 + _uniform(n, MAX_BRIGHTNESS * strength, g, dev)
     c = 1 + _uniform(n, MAX_CONTRAST * strength, g, dev)
     s = 1 + _uniform(n, MAX_SATURATION * strength, g, dev)
@@ -122,17 +123,20 @@ def colour_jitter(x: torch.Tensor, strength: float, g=None, scale: float = 1.0) 
     rot = eye + sin * kx + (1 - cos) * (kx @ kx)
     a = rot @ sat * (c * b * scale)[:, None, None]
     # mean grey (contrast centre) from every 4th pixel: 16x cheaper, the same to ~1e-3
-    m0 = x[:, :, ::4, ::4].mean((2, 3)) @ luma * scale
+    m0 = x[:, :, ::4, ::4].mean((2, 3), dtype=dt) @ luma * scale
     t = ((1 - c) * b * m0)[:, None, None].expand(n, 3, 1)
-    return torch.baddbmm(t, a, x.reshape(n, ch, h * w)).view(n, ch, h, w)
+    return torch.baddbmm(t.to(x.dtype), a.to(x.dtype), x.reshape(n, ch, h * w)).view(n, ch, h, w)
 
 
-def augment_batch(x: torch.Tensor, strength: float, g: torch.Generator | None = None) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, strength: float, g: torch.Generator | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Augment an NCHW batch (uint8 0..255 or float in [0, 1]); returns float in [0, 1].
 
     Strength 0 is the identity (a float input comes back unchanged), 1 the strongest. The
     geometry runs before the float conversion when given uint8: 4x fewer bytes to move; the
-    division by 255 rides in the colour matrix.
+    division by 255 rides in the colour matrix. ``dtype``: what a uint8 batch becomes; bf16 for a
+    model that runs in bf16 (it would round its input to bf16 anyway) halves the bytes of the colour
+    pass (the random draws and matrices stay fp32 until the one batched matmul).
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"aug_strength must be in [0, 1], got {strength}")
@@ -140,7 +144,7 @@ def augment_batch(x: torch.Tensor, strength: float, g: torch.Generator | None = 
         x = random_geometry(x, strength, g)
     scale = 1.0
     if x.dtype == torch.uint8:
-        x, scale = x.float(), 1 / 255
+        x, scale = x.to(dtype), 1 / 255
     if strength == 0:
         return x.div_(255) if scale != 1.0 else x
     return colour_jitter(x, strength, g, scale).clamp_(0.0, 1.0)

@@ -79,15 +79,16 @@ def notebook_batches(ds, batch_size: int, workers: int):
 
 # --- our pipeline -------------------------------------------------------------------------------
 
-def our_batches(cache, idx: np.ndarray, cfg: dict, device, batch_size: int, normalise: bool):
+def our_batches(cache, idx: np.ndarray, cfg: dict, device, batch_size: int, normalise: bool,
+                dtype: torch.dtype = torch.float32):
     from trainables.train import get_batch, to_input
     order = np.random.default_rng(0).permutation(idx)
     g = torch.Generator(device=device).manual_seed(0)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device, dtype=dtype).view(1, 3, 1, 1)
     for s in range(0, len(order) - batch_size + 1, batch_size):
         x_u8, y = get_batch(cache.images, cache.labels, order[s:s + batch_size], device)
-        x = to_input(x_u8, cfg, aug=True, g=g)
+        x = to_input(x_u8, cfg, aug=True, g=g, dtype=dtype)
         # For training the model normalises inside its forward (PcamNet); for the data-only
         # figure do it here, in place, so both pipelines deliver the same thing.
         yield (x.sub_(mean).div_(std) if normalise else x), y
@@ -170,10 +171,14 @@ def m_data(cache_path: str, threads: int, side: str, size: int, n_batches: int, 
     cache, idx = _open(cache_path)
     device = pick_device()
     if side == "ours":
+        # The batches baseline_bn's auto path trains on: bf16 where its model runs in bf16, else fp32.
+        dtype = _path_for("auto", "baseline_bn", device).input_dtype
         cfg = resolve_config({"aug_strength": 0.5, "input_size": size})
-        return {"ips": timed(our_batches(cache, idx, cfg, device, batch, normalise=True), n_batches)}
+        return {"ips": timed(our_batches(cache, idx, cfg, device, batch, normalise=True, dtype=dtype), n_batches),
+                "path": f"{str(dtype).removeprefix('torch.')} batches"}
     files, labels = _files(cache, idx)
-    return {"ips": timed(notebook_batches(NotebookDataset(files, labels, size), batch, workers), n_batches)}
+    return {"ips": timed(notebook_batches(NotebookDataset(files, labels, size), batch, workers), n_batches),
+            "path": "float32 batches"}
 
 
 def m_train(cache_path: str, threads: int, side: str, backbone: str, size: int, n_batches: int, batch: int,
@@ -189,7 +194,8 @@ def m_train(cache_path: str, threads: int, side: str, backbone: str, size: int, 
         ips = timed(notebook_batches(NotebookDataset(files, labels, size), batch, workers), n_batches, step)
     else:
         cfg = resolve_config({"aug_strength": 0.5, "input_size": size})
-        ips = timed(our_batches(cache, idx, cfg, device, batch, normalise=False), n_batches, step)
+        ips = timed(our_batches(cache, idx, cfg, device, batch, normalise=False, dtype=path.input_dtype),
+                    n_batches, step)
     return {"ips": ips, "path": path.name}
 
 

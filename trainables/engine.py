@@ -34,16 +34,18 @@ def get_batch(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, device: t
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def to_input(x_u8: torch.Tensor, cfg: dict, aug: bool, g: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [0, 1], augmented (training) and resized to input_size.
+def to_input(x_u8: torch.Tensor, cfg: dict, aug: bool, g: torch.Generator | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1] of ``dtype``, augmented (training) and resized to input_size.
 
-    The memory layout is whatever costs least (FastPath.prepare_input sets the model's).
+    The memory layout is whatever costs least (FastPath.prepare_input sets the model's); ``dtype`` is
+    the path's input dtype (bf16 where the model runs under bf16 autocast: half the bytes to move).
     """
     x = x_u8.permute(0, 3, 1, 2)
     if aug:
-        x = augment_batch(x.contiguous(), float(cfg["aug_strength"]), g)
+        x = augment_batch(x.contiguous(), float(cfg["aug_strength"]), g, dtype)
     else:
-        x = x.float().div_(255)
+        x = x.to(dtype).div_(255)
     size = int(cfg["input_size"] or x.shape[-1])
     if size != x.shape[-1]:
         # Augment at native resolution first: upsampling is the expensive part.
@@ -125,7 +127,7 @@ def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device,
     for b in batches:
         idx = order[b * bs:(b + 1) * bs]
         x_u8, y = get_batch(cache.images, cache.labels, idx, device)
-        x = path.prepare_input(to_input(x_u8, cfg, aug=True, g=g))
+        x = path.prepare_input(to_input(x_u8, cfg, aug=True, g=g, dtype=path.input_dtype))
         loss, _ = model_step(model, x, y, criterion, path)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,7 +166,7 @@ def predict_views(model, images: np.ndarray, cfg: dict, idx: np.ndarray | None =
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
             x = torch.from_numpy(np.ascontiguousarray(images[chunk])).to(device)
-            base = path.prepare_input(to_input(x, cfg, aug=False))
+            base = path.prepare_input(to_input(x, cfg, aug=False, dtype=path.input_dtype))
             buf = torch.empty_like(base) if len(views) > 1 or views[0] != 0 else None
             probs = torch.zeros(len(chunk), device=device)
             for k in views:

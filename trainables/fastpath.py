@@ -122,6 +122,12 @@ class FastPath:
     def name(self) -> str:
         return f"{'bf16' if self.bf16 else 'fp32'} {'channels_last' if self.channels_last else 'NCHW'}"
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """What the data path delivers: bf16 for a bf16 model (autocast would round the input to bf16 at
+        its first layer anyway), else fp32."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
     def autocast(self):
         if not self.bf16:
             return contextlib.nullcontext()
