@@ -21,6 +21,10 @@ repeat. The header prints the CPU's flags, the thread count and the load average
   layouts training step and inference per backbone in fp32/bf16 x NCHW/channels_last;
   parity  fit baseline_bn and mobilenet_v2 in fp32 and in bf16 with the same config and seed.
 Default data: ../shared/pcam_sample when present, else the embedded synthetic dataset.
+
+Why one long module: it is a script, not a library layer; each section is a measurement function (run in a
+fresh process) plus a report function, and they share the notebook pipeline, the timing and the reporting
+helpers above them. Nothing in the product imports it (only its tests do).
 """
 from __future__ import annotations
 
