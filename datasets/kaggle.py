@@ -50,8 +50,8 @@ def is_kaggle_layout(data_dir: Path) -> bool:
 def read_table(path: Path, columns: tuple[str, ...], fix: str) -> list[tuple[int, dict[str, str]]]:
     """Rows of a csv as (line number, row) with the required ``columns`` checked; ``fix`` says how to get one.
 
-    The one reader of pcam-tune's csvs: the Kaggle layout's, slide maps, and search.submission's test labels,
-    sample submissions and submissions read back.
+    The one reader of pcam-tune's csvs: the Kaggle layout's, slide maps, and the ``id[,label]`` files of
+    datasets.test_labels (test labels, sample submissions, submissions read back).
     """
     if not path.is_file():
         raise DataError(f"{path}: not found; {fix}")

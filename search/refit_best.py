@@ -29,8 +29,9 @@ import numpy as np
 
 from datasets.defaults import results_root
 from datasets.errors import UserError, run_cli
+from datasets.test_labels import find_test_labels
 from search import refit_outputs
-from search.refit_data import expected_test_ids, find_test_labels, labelled_rows, open_search_data
+from search.refit_data import expected_test_ids, labelled_rows, open_search_data
 from search.refit_find import find_best
 from search.refit_outputs import clean_killed_outputs, report_test_auc, write_outputs
 from search.refit_tracking import log_outputs, mlflow_uri, refit_mode, tracking_run

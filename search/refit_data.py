@@ -1,5 +1,5 @@
 """Refit, step 2: the search's data again (its cache reopened, or rebuilt from its data dir and slide map), the
-labelled rows to train on, the test ids the submission must carry, and the test labels when there are any."""
+labelled rows to train on, and the test ids the submission must carry (the test labels: datasets.test_labels)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.errors import DataError
-from search import submission as sub
+from datasets.test_labels import read_id_csv
 
 
 def open_search_data(best: dict, cache_dir: str | None):
@@ -46,24 +46,10 @@ def expected_test_ids(cache, test_idx: np.ndarray) -> np.ndarray:
     sample = Path(data_dir) / "sample_submission.csv" if data_dir else None
     if sample is None or not sample.is_file():
         return ids  # PCam HDF5: the test split's own order is the order
-    want = sub.read_id_csv(sample, "sample submission")["id"].astype(str).to_numpy()
+    want = read_id_csv(sample, "sample submission")["id"].astype(str).to_numpy()
     if len(want) != len(ids) or (want != ids).any():
         raise DataError(
             f"the cache's {len(ids)} test ids do not match the {len(want)} ids of {sample} in order: "
             f"rebuild the cache (delete {cache.path} and rerun)"
         )
     return want
-
-
-def find_test_labels(cache, test_idx: np.ndarray, ids: np.ndarray, arg: str | None) -> tuple[np.ndarray | None, str | None]:
-    """Test labels and where they came from: --test-labels, the cache (PCam HDF5), or test_labels.csv beside the data."""
-    if arg:
-        return sub.read_test_labels(Path(arg), ids), str(arg)
-    labels = cache.labels[test_idx]
-    if len(labels) and (labels >= 0).all():
-        return labels.astype(np.int8), "the cache's test split"
-    data_dir = cache.source.get("data_dir")
-    beside = Path(data_dir) / "test_labels.csv" if data_dir else None
-    if beside is not None and beside.is_file():
-        return sub.read_test_labels(beside, ids), str(beside)
-    return None, None

@@ -14,9 +14,9 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from datasets import kaggle
 from datasets.cache import fsync_path, pid_alive
 from datasets.errors import DataError, UserError
+from datasets.test_labels import read_id_csv
 
 TMP_MARK = ".tmp-"  # temporary files are "<dir>/.<final name>.tmp-<pid>"; see atomic_path()
 
@@ -41,32 +41,6 @@ def clean_stale_tmp(final: Path) -> list[Path]:
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
-
-
-def read_id_csv(path: Path, what: str, need_label: bool = False) -> pd.DataFrame:
-    """An ``id[,label]`` csv as a DataFrame of strings, read and checked by datasets.kaggle's reader (one-line
-    DataError naming the file and line: not found, empty, missing columns, unsafe or duplicate ids)."""
-    rows = kaggle.read_table(Path(path), ("id", "label") if need_label else ("id",), f"pass the {what} (an id,label csv)")
-    kaggle.check_ids(Path(path), rows)
-    return pd.DataFrame([r for _, r in rows], dtype=str)
-
-
-def read_test_labels(path: Path, ids: np.ndarray) -> np.ndarray:
-    """Labels (0/1, int8) of ``ids`` from an ``id,label`` CSV such as pcam_sample/test_labels.csv."""
-    df = read_id_csv(path, "--test-labels file", need_label=True)
-    labels = df["label"].map(kaggle.binary_label)
-    bad = labels.isna()
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"--test-labels file {path} row {row + 2}: label {str(df['label'].iloc[row])!r} is not 0 or 1")
-    by_id = pd.Series(labels.to_numpy(dtype=np.int8), index=df["id"])
-    missing = pd.Index(ids).difference(by_id.index)
-    if len(missing):
-        raise DataError(
-            f"--test-labels file {path} has no label for {len(missing)} of the {len(ids)} test ids "
-            f"(e.g. {missing[0]}): pass the labels of this test set"
-        )
-    return by_id.loc[list(ids)].to_numpy()
 
 
 def check_submission(df: pd.DataFrame, expected_ids: Iterable[str], where: str = "submission") -> None:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from datasets.errors import DataError, UserError
+from datasets.test_labels import read_test_labels
 from search import submission as sub
 
 IDS = np.array(["b", "a", "c"])
@@ -54,7 +55,7 @@ def test_clean_stale_tmp_keeps_live_writers(tmp_path):
 def test_read_test_labels_orders_by_ids(tmp_path):
     f = tmp_path / "labels.csv"
     f.write_text("id,label\na,1\nb,0\nc,1\nextra,0\n")
-    assert sub.read_test_labels(f, IDS).tolist() == [0, 1, 1]
+    assert read_test_labels(f, IDS).tolist() == [0, 1, 1]
 
 
 @pytest.mark.parametrize("text, match", [
@@ -68,12 +69,12 @@ def test_bad_test_labels_file(tmp_path, text, match):
     f = tmp_path / "labels.csv"
     f.write_text(text)
     with pytest.raises(DataError, match=match):
-        sub.read_test_labels(f, IDS)
+        read_test_labels(f, IDS)
 
 
 def test_missing_test_labels_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        sub.read_test_labels(tmp_path / "nope.csv", IDS)
+        read_test_labels(tmp_path / "nope.csv", IDS)
 
 
 def test_probabilities_are_written_exactly_so_nothing_ties(tmp_path):

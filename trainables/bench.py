@@ -282,6 +282,7 @@ def parity_run(cache, backbone: str, precision: str, epochs: int) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from datasets.splits import train_val_split
+    from datasets.test_labels import find_test_labels
     from trainables.train import fit, predict_proba, resolve_config
     cfg = resolve_config({**PARITY_CONFIGS[backbone], "backbone": backbone, "precision": precision, "epochs": epochs})
     train_idx, val_idx = train_val_split(cache, val_fraction=float(cfg["val_fraction"]), seed=int(cfg["seed"]))
@@ -290,7 +291,7 @@ def parity_run(cache, backbone: str, precision: str, epochs: int) -> dict:
     out = {"val_auc": history[-1]["val_auc"], "seconds": time.perf_counter() - t0, "path": history[-1]["fast_path"],
            "test_auc": None}
     test_idx = cache.indices("test")
-    labels = _test_labels(cache, test_idx)
+    labels, _ = find_test_labels(cache, test_idx, cache.ids[test_idx].astype(str), None) if len(test_idx) else (None, None)
     if labels is not None:
         probs = predict_proba(model, cache.images[test_idx], {**cfg, "precision": "fp32"}, tta=True)
         out["test_auc"] = float(roc_auc_score(labels, probs))
@@ -304,17 +305,6 @@ PARITY_CONFIGS = {
     "mobilenet_v2": {"pretrained": True, "batch_size": 64, "lr": 5e-4, "aug_strength": 0.5, "dropout": 0.2,
                      "val_fraction": 0.15, "warmup_epochs": 0.3, "seed": 0},
 }
-
-
-def _test_labels(cache, test_idx):
-    """Labels of the test split: test_labels.csv beside the data (the real sample has one), else None."""
-    import pandas as pd
-    data_dir = cache.source.get("data_dir")
-    f = Path(data_dir) / "test_labels.csv" if data_dir else None
-    if not len(test_idx) or f is None or not f.is_file():
-        return None
-    lab = pd.read_csv(f, dtype={"id": str}).set_index("id")["label"]
-    return lab.loc[cache.ids[test_idx].astype(str)].to_numpy()
 
 
 def in_fresh_process(fn, *args) -> dict:
