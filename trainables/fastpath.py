@@ -3,7 +3,7 @@
 ``config["precision"]`` is ``"auto"`` (default), ``"fp32"`` or ``"bf16"``; ``fast_path(config, device,
 training)`` turns it into a ``FastPath`` (bf16 autocast on/off, channels_last on/off, and why).
 
-The rule for ``auto`` (measured with ``python -m trainables.bench --layouts``; figures in the README):
+The rule for ``auto`` (measured with ``python -m trainables.bench --only layouts``; figures in the README):
 
 - CUDA: bf16 autocast where the GPU supports bf16, channels_last.
 - CPU with *native* bf16 matrix instructions (x86 AMX-BF16 or AVX512-BF16, Arm BF16), detected from the
@@ -59,17 +59,22 @@ def check_precision(value: str, option: str = "precision") -> str:
 
 # --- what the CPU can do ------------------------------------------------------------------------
 
-def _proc_cpuinfo_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """Feature flags of the first CPU in /proc/cpuinfo ("flags" on x86, "Features" on Arm)."""
+def _cpuinfo_field(keys: tuple[str, ...], path: str = "/proc/cpuinfo") -> str:
+    """Value of the first line of /proc/cpuinfo whose key is one of ``keys`` ("" when absent or unreadable)."""
     try:
         text = Path(path).read_text()
     except OSError:
-        return frozenset()
+        return ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        if key.strip() in keys:
+            return value.strip()
+    return ""
+
+
+def _proc_cpuinfo_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """Feature flags of the first CPU in /proc/cpuinfo ("flags" on x86, "Features" on Arm)."""
+    return frozenset(_cpuinfo_field(("flags", "Features"), path).split())
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,13 +105,7 @@ def cpu_summary() -> str:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return ""
+    return _cpuinfo_field(("model name",))
 
 
 # --- the choice ---------------------------------------------------------------------------------
