@@ -83,19 +83,30 @@ def notebook_batches(ds, batch_size: int, workers: int):
 
 # --- our pipeline -------------------------------------------------------------------------------
 
-def our_batches(cache, idx: np.ndarray, cfg: dict, device, batch_size: int, normalise: bool,
-                dtype: torch.dtype = torch.float32):
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # the notebook's Normalize
+
+
+def our_batches(cache, idx: np.ndarray, cfg: dict, device, batch_size: int, path: FastPath,
+                normalise=IMAGENET, previous: bool = False):
+    """What train_one_epoch feeds a model on ``path``: augmented, normalised batches in its dtype and layout.
+
+    ``previous``: the data path before the fused CPU pass (trainables.augment's torch ops on fp32 NCHW, then
+    the normalisation as its own two passes, as the model did it), for the 'before' training figure.
+    """
+    from trainables.augment import augment_batch
     from trainables.train import get_batch, to_input
     order = np.random.default_rng(0).permutation(idx)
-    g = torch.Generator(device=device).manual_seed(0)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device, dtype=dtype).view(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in normalise)
     for s in range(0, len(order) - batch_size + 1, batch_size):
         x_u8, y = get_batch(cache.images, cache.labels, order[s:s + batch_size], device)
-        x = to_input(x_u8, cfg, aug=True, g=g, dtype=dtype)
-        # For training the model normalises inside its forward (PcamNet); for the data-only
-        # figure do it here, in place, so both pipelines deliver the same thing.
-        yield (x.sub_(mean).div_(std) if normalise else x), y
+        if previous:
+            x = augment_batch(x_u8.permute(0, 3, 1, 2).contiguous(), float(cfg["aug_strength"]), g)
+            x = x.sub_(mean).div_(std)
+        else:
+            x = to_input(x_u8, cfg, aug=True, g=g, dtype=path.input_dtype, channels_last=path.channels_last,
+                         normalise=normalise)
+        yield path.prepare_input(x), y
 
 
 def timed(batches, n_batches: int, step=None, warmup: int = 2) -> float:
@@ -123,7 +134,8 @@ def timed(batches, n_batches: int, step=None, warmup: int = 2) -> float:
 
 
 def train_step_fn(backbone: str, device, size: int, path: FastPath):
-    """One training step of ``backbone`` in ``path``'s precision/layout, warmed up once."""
+    """One training step of ``backbone`` in ``path``'s precision/layout, warmed up once; and the
+    normalisation its batches need."""
     from trainables.models import build_model
     from trainables.train import SmoothedBCE, make_optimizer, model_step, resolve_config
     cfg = resolve_config({"backbone": backbone, "pretrained": False, "input_size": size})
@@ -139,7 +151,7 @@ def train_step_fn(backbone: str, device, size: int, path: FastPath):
         opt.step()
     # oneDNN builds its kernels on the first call: keep that out of the timing (both sides).
     step(torch.rand(8, 3, size, size, device=device), torch.zeros(8, device=device))
-    return step
+    return step, model.input_normalisation()
 
 
 # --- measurements, each in a fresh process ------------------------------------------------------
@@ -175,11 +187,13 @@ def m_data(cache_path: str, threads: int, side: str, size: int, n_batches: int, 
     cache, idx = _open(cache_path)
     device = pick_device()
     if side == "ours":
-        # The batches baseline_bn's auto path trains on: bf16 where its model runs in bf16, else fp32.
-        dtype = _path_for("auto", "baseline_bn", device).input_dtype
+        # The batches baseline_bn's auto path trains on (bf16 where its model runs in bf16, in its layout),
+        # normalised as the notebook's are.
+        path = _path_for("auto", "baseline_bn", device)
         cfg = resolve_config({"aug_strength": 0.5, "input_size": size})
-        return {"ips": timed(our_batches(cache, idx, cfg, device, batch, normalise=True, dtype=dtype), n_batches),
-                "path": f"{str(dtype).removeprefix('torch.')} batches"}
+        return {"ips": timed(our_batches(cache, idx, cfg, device, batch, path), n_batches),
+                "path": f"{str(path.input_dtype).removeprefix('torch.')} "
+                        f"{'channels_last' if path.channels_last else 'NCHW'} batches"}
     files, labels = _files(cache, idx)
     return {"ips": timed(notebook_batches(NotebookDataset(files, labels, size), batch, workers), n_batches),
             "path": "float32 batches"}
@@ -192,13 +206,13 @@ def m_train(cache_path: str, threads: int, side: str, backbone: str, size: int, 
     _setup(threads, reuse=side not in ("before", "notebook"))
     cache, idx = _open(cache_path)
     path = _path_for("before" if side == "notebook" else side, backbone, device)
-    step = train_step_fn(backbone, device, size, path)
+    step, normalise = train_step_fn(backbone, device, size, path)
     if side == "notebook":
         files, labels = _files(cache, idx)
         ips = timed(notebook_batches(NotebookDataset(files, labels, size), batch, workers), n_batches, step)
     else:
         cfg = resolve_config({"aug_strength": 0.5, "input_size": size})
-        ips = timed(our_batches(cache, idx, cfg, device, batch, normalise=False, dtype=path.input_dtype),
+        ips = timed(our_batches(cache, idx, cfg, device, batch, path, normalise, previous=side == "before"),
                     n_batches, step)
     return {"ips": ips, "path": path.name}
 
@@ -251,7 +265,7 @@ def m_layout(threads: int, backbone: str, bf16: bool, channels_last: bool, train
     path = FastPath("cpu", bf16, channels_last)
     x = torch.rand(batch, 3, 96, 96)
     if training:
-        step = train_step_fn(backbone, torch.device("cpu"), 96, path)
+        step, _ = train_step_fn(backbone, torch.device("cpu"), 96, path)
         y = (torch.rand(batch) > 0.5).float()
 
         def run():

@@ -3,19 +3,22 @@ a training pass, and validation predictions (torchvision's references keep ``tra
 together the same way). trainables.loop runs them epoch after epoch.
 
 Batches are fancy-indexed straight out of the uint8 memmap (datasets.cache) and everything after that - float
-conversion, augmentation, resizing, normalisation - happens batch-wise on the training device.
+conversion, augmentation, normalisation, resizing - happens batch-wise on the training device: on a CPU in one
+fused pass (trainables.augment_cpu), elsewhere as torch ops (trainables.augment).
 """
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.augment import augment_batch, dihedral_view
+from trainables import augment, augment_cpu
+from trainables.augment import dihedral_view
 from trainables.config import fast_path
 from trainables.fastpath import FastPath, reuse_freed_memory
 
@@ -35,17 +38,19 @@ def get_batch(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, device: t
 
 
 def to_input(x_u8: torch.Tensor, cfg: dict, aug: bool, g: torch.Generator | None = None,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [0, 1] of ``dtype``, augmented (training) and resized to input_size.
+             dtype: torch.dtype = torch.float32, channels_last: bool = False,
+             normalise: tuple[Sequence[float], Sequence[float]] | None = None) -> torch.Tensor:
+    """uint8 NHWC -> float (N, 3, H, W) of ``dtype`` in [0, 1], augmented (training), resized to input_size.
 
-    The memory layout is whatever costs least (FastPath.prepare_input sets the model's); ``dtype`` is
-    the path's input dtype (bf16 where the model runs under bf16 autocast: half the bytes to move).
+    ``normalise`` = (mean, std) per channel: deliver normalised images instead (the model is then called
+    with ``normalised=True``). ``dtype`` and ``channels_last`` are the model's (FastPath.input_dtype and
+    .channels_last): bf16 for a model under bf16 autocast (it would round its input to bf16 anyway),
+    so nothing converts or copies the batch again before the first layer.
     """
-    x = x_u8.permute(0, 3, 1, 2)
-    if aug:
-        x = augment_batch(x.contiguous(), float(cfg["aug_strength"]), g, dtype)
-    else:
-        x = x.to(dtype).div_(255)
+    strength = float(cfg["aug_strength"]) if aug else 0.0
+    # The same function twice: one fused pass on a CPU, torch ops elsewhere (tested equal).
+    impl = augment_cpu.augment_nhwc if x_u8.device.type == "cpu" else augment.augment_nhwc
+    x = impl(x_u8, strength, g, dtype, channels_last, normalise)
     size = int(cfg["input_size"] or x.shape[-1])
     if size != x.shape[-1]:
         # Augment at native resolution first: upsampling is the expensive part.
@@ -55,9 +60,10 @@ def to_input(x_u8: torch.Tensor, cfg: dict, aug: bool, g: torch.Generator | None
 
 def model_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion,
                path: FastPath) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward (in ``path``'s precision) + loss in fp32. Returns (loss, float logits)."""
+    """Forward (in ``path``'s precision) of a normalised batch (to_input(..., normalise=
+    model.input_normalisation())) + loss in fp32. Returns (loss, float logits)."""
     with path.autocast():
-        logits = model(x)
+        logits = model(x, normalised=True)
     logits = logits.float()
     return criterion(logits, y), logits
 
@@ -116,7 +122,9 @@ def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device,
     model.train()
     seed = epoch_seed(cfg, epoch)
     order = np.random.default_rng(seed).permutation(train_idx)
-    g = torch.Generator(device=device).manual_seed(seed)
+    # The augmentation's draws are a few hundred numbers per batch: made on the CPU whatever the device.
+    g = torch.Generator().manual_seed(seed)
+    normalise = model.input_normalisation()
     bs = int(cfg["batch_size"])
     n_batches = batches_per_epoch(len(order), bs)
     total, seen = torch.zeros((), device=device), 0
@@ -127,7 +135,8 @@ def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device,
     for b in batches:
         idx = order[b * bs:(b + 1) * bs]
         x_u8, y = get_batch(cache.images, cache.labels, idx, device)
-        x = path.prepare_input(to_input(x_u8, cfg, aug=True, g=g, dtype=path.input_dtype))
+        x = path.prepare_input(to_input(x_u8, cfg, aug=True, g=g, dtype=path.input_dtype,
+                                        channels_last=path.channels_last, normalise=normalise))
         loss, _ = model_step(model, x, y, criterion, path)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -166,7 +175,8 @@ def predict_views(model, images: np.ndarray, cfg: dict, idx: np.ndarray | None =
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
             x = torch.from_numpy(np.ascontiguousarray(images[chunk])).to(device)
-            base = path.prepare_input(to_input(x, cfg, aug=False, dtype=path.input_dtype))
+            base = path.prepare_input(to_input(x, cfg, aug=False, dtype=path.input_dtype,
+                                               channels_last=path.channels_last))
             buf = torch.empty_like(base) if len(views) > 1 or views[0] != 0 else None
             probs = torch.zeros(len(chunk), device=device)
             for k in views:

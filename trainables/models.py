@@ -76,8 +76,14 @@ class PcamNet(nn.Module):
             bn.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std).squeeze(-1)
+    def input_normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per channel, for a data path that normalises as it delivers (trainables.engine.to_input)."""
+        return tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist())
+
+    def forward(self, x: torch.Tensor, normalised: bool = False) -> torch.Tensor:
+        """Logits for images in [0, 1]; or for images already normalised with input_normalisation()
+        (``normalised=True``: the training data path folds it into its colour pass, for free)."""
+        return self.net(x if normalised else (x - self.mean) / self.std).squeeze(-1)
 
 
 @functools.lru_cache(maxsize=None)
