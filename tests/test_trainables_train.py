@@ -141,6 +141,24 @@ def test_tta_is_the_mean_over_the_eight_per_sample_dihedral_views(toy_cache):
     assert np.abs(bf16 - got).max() < 0.02
 
 
+def test_optimizer_is_fused_adamw_with_warmup_then_cosine():
+    from trainables.models import build_model
+    from trainables.train import make_optimizer
+    model = build_model("baseline_bn", pretrained=False, unfreeze_depth=0)      # head only
+    cfg = resolve_config({"backbone": "baseline_bn", "lr": 1e-2, "epochs": 2, "warmup_epochs": 0.5})
+    opt, sched = make_optimizer(model, cfg, steps_per_epoch=10)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)             # frozen stages left out
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(2e-3) and lrs[4] == pytest.approx(1e-2)     # 5 warm-up steps
+    assert lrs[5] == lrs[4] and all(a > b for a, b in zip(lrs[5:], lrs[6:])) and lrs[-1] < 1e-3  # cosine to ~0
+
+
 def test_config_typos_are_user_errors():
     with pytest.raises(UserError, match="learning_rate"):
         resolve_config({"learning_rate": 0.1})

@@ -14,7 +14,8 @@ repeat. The header prints the CPU's flags, the thread count and the load average
   data    augmented, normalised 96 px batches: ours vs the notebook pipeline (a PIL-per-sample
           Dataset with torchvision per-image transforms, fed by a DataLoader with worker processes);
   train   data + training step (forward, backward, AdamW), 96 px, baseline_bn and resnet18: the
-          notebook, our previous path (fp32 NCHW, glibc's default allocator), --precision fp32 and auto;
+          notebook, our previous path (fp32 NCHW, glibc's default allocator, augmentation as torch ops,
+          PyTorch's default AdamW), --precision fp32 and auto (both with the fused data pass and AdamW);
   infer   mobilenet_v2 8-view TTA scoring: the previous predict_proba (fp32 NCHW, batches of 256,
           per-sample index-map views, no_grad, default allocator) vs --precision fp32 and auto;
   224     the notebook's 224 px upsampling vs ours at 224 px and at native 96 px;
@@ -133,14 +134,18 @@ def timed(batches, n_batches: int, step=None, warmup: int = 2) -> float:
     return seen / (time.perf_counter() - t0)
 
 
-def train_step_fn(backbone: str, device, size: int, path: FastPath):
+def train_step_fn(backbone: str, device, size: int, path: FastPath, previous: bool = False):
     """One training step of ``backbone`` in ``path``'s precision/layout, warmed up once; and the
-    normalisation its batches need."""
+    normalisation its batches need. ``previous``: with PyTorch's default AdamW (a per-parameter loop on
+    a CPU), as this project used before make_optimizer chose the fused kernel."""
     from trainables.models import build_model
     from trainables.train import SmoothedBCE, make_optimizer, model_step, resolve_config
     cfg = resolve_config({"backbone": backbone, "pretrained": False, "input_size": size})
     model = path.prepare_model(build_model(backbone, pretrained=False).to(device).train())
-    opt, _ = make_optimizer(model, cfg, steps_per_epoch=1000)
+    if previous:
+        opt = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    else:
+        opt, _ = make_optimizer(model, cfg, steps_per_epoch=1000)
     crit = SmoothedBCE()
 
     def step(x, y):
@@ -206,7 +211,7 @@ def m_train(cache_path: str, threads: int, side: str, backbone: str, size: int, 
     _setup(threads, reuse=side not in ("before", "notebook"))
     cache, idx = _open(cache_path)
     path = _path_for("before" if side == "notebook" else side, backbone, device)
-    step, normalise = train_step_fn(backbone, device, size, path)
+    step, normalise = train_step_fn(backbone, device, size, path, previous=side in ("before", "notebook"))
     if side == "notebook":
         files, labels = _files(cache, idx)
         ips = timed(notebook_batches(NotebookDataset(files, labels, size), batch, workers), n_batches, step)
