@@ -242,8 +242,10 @@ def augment_nhwc(x: torch.Tensor, strength: float, g: torch.Generator | None = N
     augment_batch at ``strength`` (0: none), then ``normalise`` = (mean, std) per channel when given,
     in ``dtype`` and, with ``channels_last``, in that memory layout. trainables.augment_cpu.augment_nhwc
     is the same function for CPUs, in one fused pass."""
-    x = augment_batch(x.permute(0, 3, 1, 2).contiguous(), strength, g, dtype)
+    # With a normalisation, compute in fp32 and round to ``dtype`` once, as the CPU kernel does.
+    x = augment_batch(x.permute(0, 3, 1, 2).contiguous(), strength, g,
+                      torch.float32 if normalise is not None else dtype)
     if normalise is not None:
-        mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) for v in normalise)
-        x = x.sub_(mean).div_(std)
+        mean, std = (torch.tensor(v, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) for v in normalise)
+        x = x.sub_(mean).div_(std).to(dtype)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -42,7 +42,7 @@ def _fused(x, rows, cols, transpose, a, offset, norm, lo, hi, start, stop, out, 
 
     ``out``: C-contiguous (n, 3, S, S), or (n, S, S, 3) when ``nhwc`` (the memory of a channels_last
     tensor); float32, or with ``bf16`` int16 holding bf16 bit patterns, rounded to nearest even as torch
-    rounds (the values are finite and, before normalisation, >= 0). Per sample, two loops: the colour map
+    rounds (the values are finite; the int16 store keeps the low 16 bits, sign included). Per sample, two loops: the colour map
     over the source pixels in memory order (contiguous: it vectorises) into three float planes, then the
     geometry as a gather from the planes (colour is per pixel, so the order of the two does not matter;
     only the contrast centre m0 is measured on the output grid, as augment_batch measures it).
@@ -124,10 +124,12 @@ _pool: tuple[int, int, ThreadPoolExecutor] | None = None
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    """This process's pool of ``workers`` threads (a forked child, whose copy has none, makes its own)."""
+    """This process's pool, of at least ``workers`` threads: it grows, never shrinks (a small batch
+    just submits fewer jobs), and a forked child, whose copy of the pool has no threads, makes its own."""
     global _pool
     with _pool_lock:
-        if _pool is None or _pool[:2] != (os.getpid(), workers):
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] < workers:
+            # A pool being replaced finishes the jobs it has (another thread's batch), then its threads exit.
             if _pool is not None and _pool[0] == os.getpid():
                 _pool[2].shutdown(wait=False)
             _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="augment"))
@@ -154,6 +156,8 @@ def augment_nhwc(x: torch.Tensor, strength: float, g: torch.Generator | None = N
     else:
         geo, colour = Geometry.identity(n, h), Colour.identity(n, 1 / 255)
     norm = np.array(normalise if normalise is not None else ((0, 0, 0), (1, 1, 1)), np.float32)
+    if norm.shape != (2, 3) or not (norm[1] > 0).all():   # the kernel does no bounds checks
+        raise ValueError(f"normalise must be (mean, std) of 3 values each with std > 0, got {normalise}")
     lo, hi = -norm[0] / norm[1], (1 - norm[0]) / norm[1]    # [0, 1] after normalisation
     out = torch.empty((n, h, w, 3) if channels_last else (n, 3, h, w), dtype=dtype)
     bf16 = dtype == torch.bfloat16
