@@ -42,10 +42,11 @@ def _fused(x, rows, cols, transpose, a, offset, norm, lo, hi, start, stop, out, 
 
     ``out``: C-contiguous (n, 3, S, S), or (n, S, S, 3) when ``nhwc`` (the memory of a channels_last
     tensor); float32, or with ``bf16`` int16 holding bf16 bit patterns, rounded to nearest even as torch
-    rounds (the values are finite; the int16 store keeps the low 16 bits, sign included). Per sample, two loops: the colour map
-    over the source pixels in memory order (contiguous: it vectorises) into three float planes, then the
-    geometry as a gather from the planes (colour is per pixel, so the order of the two does not matter;
-    only the contrast centre m0 is measured on the output grid, as augment_batch measures it).
+    rounds (the values are finite; the int16 store keeps the low 16 bits, sign included). Per sample, two
+    loops: the colour map over the source pixels in memory order (contiguous: it vectorises) into three
+    float planes, then the geometry as a gather from the planes (colour is per pixel, so the order of the
+    two does not matter; only the contrast centre m0 is measured on the output grid, as augment_batch
+    measures it).
     """
     size = rows.shape[1]
     ai, aj = np.empty(size, np.int32), np.empty(size, np.int32)
@@ -166,8 +167,8 @@ def augment_nhwc(x: torch.Tensor, strength: float, g: torch.Generator | None = N
     tail = ((out.view(torch.int16) if bf16 else out).numpy(), channels_last, bf16)
     workers = max(1, min(torch.get_num_threads(), n))
     bounds = [n * i // workers for i in range(workers + 1)]
-    jobs = [_executor(workers - 1).submit(_fused, *args, bounds[i], bounds[i + 1], *tail)
-            for i in range(workers - 1)]
+    pool = _executor(workers - 1) if workers > 1 else None
+    jobs = [pool.submit(_fused, *args, bounds[i], bounds[i + 1], *tail) for i in range(workers - 1)]
     try:
         _fused(*args, bounds[-2], bounds[-1], *tail)
     finally:

@@ -94,16 +94,14 @@ def our_batches(cache, idx: np.ndarray, cfg: dict, device, batch_size: int, path
     ``previous``: the data path before the fused CPU pass (trainables.augment's torch ops on fp32 NCHW, then
     the normalisation as its own two passes, as the model did it), for the 'before' training figure.
     """
-    from trainables.augment import augment_batch
+    from trainables.augment import augment_nhwc
     from trainables.train import get_batch, to_input
     order = np.random.default_rng(0).permutation(idx)
     g = torch.Generator().manual_seed(0)
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in normalise)
     for s in range(0, len(order) - batch_size + 1, batch_size):
         x_u8, y = get_batch(cache.images, cache.labels, order[s:s + batch_size], device)
         if previous:
-            x = augment_batch(x_u8.permute(0, 3, 1, 2).contiguous(), float(cfg["aug_strength"]), g)
-            x = x.sub_(mean).div_(std)
+            x = augment_nhwc(x_u8, float(cfg["aug_strength"]), g, normalise=normalise)
         else:
             x = to_input(x_u8, cfg, aug=True, g=g, dtype=path.input_dtype, channels_last=path.channels_last,
                          normalise=normalise)
