@@ -81,8 +81,8 @@ def test_explicit_precision_wins_and_emulated_bf16_says_so(cpu_with):
 
 
 def test_bad_precision_is_a_one_line_user_error():
-    with pytest.raises(UserError, match="precision 'fp16'.*auto, fp32, bf16"):
-        resolve_config({"precision": "fp16"})
+    with pytest.raises(UserError, match="precision 'fp8'.*auto, fp32, bf16, fp16"):
+        resolve_config({"precision": "fp8"})
     assert resolve_config({})["precision"] == "auto"  # old configs/model files without the key: auto
 
 
@@ -117,3 +117,63 @@ def test_freed_activations_are_reused_not_faulted_in_again():
         faults_of_one_batch()
     # Without reuse every batch maps fresh pages: big / 4 KiB = 16,384 faults each time.
     assert faults_of_one_batch() < 1000
+
+
+# --- GPUs: the precision by compute capability (faked: this machine has none) ----------------------
+
+@pytest.fixture
+def gpu_with(monkeypatch):
+    """Pretend the CUDA device has the given compute capability."""
+    def set_capability(major: int, minor: int) -> None:
+        monkeypatch.setattr(fastpath, "cuda_capability", lambda device: (major, minor))
+    return set_capability
+
+
+@pytest.mark.parametrize("capability, auto", [
+    ((6, 0), "fp16"),   # P100: fast fp16, no bf16
+    ((6, 1), "fp32"),   # GTX 10xx: fp16 at a fraction of fp32's rate
+    ((7, 0), "fp16"),   # V100: tensor cores
+    ((7, 5), "fp16"),   # T4 (Kaggle): tensor cores, bf16 only emulated
+    ((8, 0), "bf16"),   # A100
+    ((9, 0), "bf16"),   # H100
+])
+def test_auto_on_a_gpu_is_bf16_only_where_native_else_fp16_with_a_scaler(gpu_with, capability, auto):
+    gpu_with(*capability)
+    for backbone in ("baseline_bn", "mobilenet_v2"):  # no depthwise exception on a GPU
+        path = choose("auto", backbone, "cuda", training=True)
+        assert path.precision == auto and path.channels_last
+        assert f"capability {capability[0]}.{capability[1]}" in path.reason
+        assert isinstance(path.grad_scaler(), torch.amp.GradScaler) == (auto == "fp16")
+        # The autocast it would enter (torch disables a CUDA autocast on a machine without CUDA, so its
+        # settings are read, not its effect).
+        ctx = path.autocast()
+        want = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[auto]
+        if want is None:
+            assert not isinstance(ctx, torch.autocast)
+        else:
+            assert isinstance(ctx, torch.autocast) and (ctx.device, ctx.fast_dtype) == ("cuda", want)
+
+
+def test_forced_precisions_on_a_gpu_say_when_they_are_emulated_or_slow(gpu_with):
+    gpu_with(7, 5)
+    forced = choose("bf16", "baseline_bn", "cuda:0")
+    assert forced.bf16 and "emulated" in forced.reason and forced.grad_scaler() is None
+    assert choose("fp16", "baseline_bn", "cuda").fp16 and choose("fp32", "baseline_bn", "cuda").name == "fp32 NCHW"
+    gpu_with(9, 0)
+    assert choose("fp16", "baseline_bn", "cuda").name == "fp16 channels_last"
+    gpu_with(5, 2)
+    assert choose("auto", "baseline_bn", "cuda").name == "fp32 channels_last"
+    assert "slow fp16" in choose("fp16", "baseline_bn", "cuda").reason
+
+
+@pytest.mark.parametrize("flags", [("avx2",), ("avx512_bf16",)])
+def test_fp16_on_a_cpu_is_honoured_with_a_scaler_whatever_its_bf16(cpu_with, flags):
+    cpu_with(*flags)
+    path = choose("fp16", "baseline_bn", "cpu")
+    assert path.name == "fp16 channels_last" and not path.bf16 and "slower than fp32" in path.reason
+    assert isinstance(path.grad_scaler(), torch.amp.GradScaler)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with path.autocast():
+        assert conv(torch.rand(2, 3, 8, 8)).dtype == torch.float16
+    # auto never picks fp16 on a CPU
+    assert choose("auto", "baseline_bn", "cpu").precision == ("bf16" if "avx512_bf16" in flags else "fp32")

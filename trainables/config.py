@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from datasets.errors import UserError
+from trainables.device import pick_device  # noqa: F401 (the rule lives with the device's other settings)
 from trainables.fastpath import FastPath, check_precision, choose
 from trainables.models import get_backbone
 
@@ -28,7 +29,7 @@ DEFAULTS: dict = {
     "val_fraction": 0.2,
     "seed": 0,
     "max_train_samples": None,  # subsample the train split (fast searches)
-    "precision": "auto",        # auto | fp32 | bf16: see trainables.fastpath
+    "precision": "auto",        # auto | fp32 | bf16 | fp16: see trainables.fastpath
 }
 # Keys a caller may add besides DEFAULTS: where the data is when no cache_path is given.
 _DATA_KEYS = {"data_dir", "cache_dir"}
@@ -50,14 +51,6 @@ def resolve_config(config: dict | None) -> dict:
         raise UserError(f"pos_weight must be None, 'auto' or a positive number, got {cfg['pos_weight']!r}")
     check_precision(cfg["precision"])
     return cfg
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def fast_path(cfg: dict, device: torch.device, training: bool = True) -> FastPath:

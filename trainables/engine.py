@@ -4,7 +4,8 @@ together the same way). trainables.loop runs them epoch after epoch.
 
 Batches are fancy-indexed straight out of the uint8 memmap (datasets.cache) and everything after that - float
 conversion, augmentation, normalisation, resizing - happens batch-wise on the training device: on a CPU in one
-fused pass (trainables.augment_cpu), elsewhere as torch ops (trainables.augment).
+fused pass (trainables.augment_cpu), elsewhere as torch ops (trainables.augment). On CUDA a background thread
+gathers the next batch into pinned memory and its copy overlaps the current step (trainables.device).
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables import augment, augment_cpu
+from trainables import augment
 from trainables.augment import dihedral_view
 from trainables.config import fast_path
+from trainables.device import prefetch_to_cuda
 from trainables.fastpath import FastPath, reuse_freed_memory
 
 
@@ -48,8 +50,12 @@ def to_input(x_u8: torch.Tensor, cfg: dict, aug: bool, g: torch.Generator | None
     so nothing converts or copies the batch again before the first layer.
     """
     strength = float(cfg["aug_strength"]) if aug else 0.0
-    # The same function twice: one fused pass on a CPU, torch ops elsewhere (tested equal).
-    impl = augment_cpu.augment_nhwc if x_u8.device.type == "cpu" else augment.augment_nhwc
+    # The same function twice: one fused pass on a CPU, torch ops elsewhere (tested equal). Imported here: a
+    # GPU machine needs no numba (the GPU bench runs in a stock PyTorch container).
+    if x_u8.device.type == "cpu":
+        from trainables.augment_cpu import augment_nhwc as impl
+    else:
+        impl = augment.augment_nhwc
     x = impl(x_u8, strength, g, dtype, channels_last, normalise)
     size = int(cfg["input_size"] or x.shape[-1])
     if size != x.shape[-1]:
@@ -119,9 +125,24 @@ def epoch_seed(cfg: dict, epoch: int) -> int:
     return int(cfg["seed"]) * 100_003 + epoch
 
 
+def epoch_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, bs: int, n_batches: int,
+                  device: torch.device):
+    """(uint8 images, float labels) on ``device`` for each batch of ``order``: prefetched on CUDA."""
+    idx = [order[b * bs:(b + 1) * bs] for b in range(n_batches)]
+    if device.type == "cuda":
+        for x, y in prefetch_to_cuda((images, labels), idx, device):
+            yield x, y.float()
+        return
+    for i in idx:
+        yield get_batch(images, labels, i, device)
+
+
 def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device, epoch: int,
-                    path: FastPath, progress: bool = False) -> tuple[float, int]:
-    """One pass over a seeded permutation of ``train_idx``. Returns (mean loss, images seen)."""
+                    path: FastPath, progress: bool = False, scaler=None) -> tuple[float, int]:
+    """One pass over a seeded permutation of ``train_idx``. Returns (mean loss, images seen).
+
+    ``scaler``: a torch.amp.GradScaler (fp16 training, FastPath.grad_scaler): the loss is scaled before the
+    backward pass and the step skipped (scale lowered) when a gradient overflowed."""
     model.train()
     seed = epoch_seed(cfg, epoch)
     order = np.random.default_rng(seed).permutation(train_idx)
@@ -135,18 +156,22 @@ def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device,
     if progress:
         from tqdm import tqdm
         batches = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr)
-    for b in batches:
-        idx = order[b * bs:(b + 1) * bs]
-        x_u8, y = get_batch(cache.images, cache.labels, idx, device)
+    data = epoch_batches(cache.images, cache.labels, order, bs, n_batches, device)
+    for b, (x_u8, y) in zip(batches, data):
         x = path.prepare_input(to_input(x_u8, cfg, aug=True, g=g, dtype=path.input_dtype,
                                         channels_last=path.channels_last, normalise=normalise))
         loss, _ = model_step(model, x, y, criterion, path)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         sched.step()
-        total += loss.detach() * len(idx)
-        seen += len(idx)
+        total += loss.detach() * len(y)
+        seen += len(y)
         # Reading the loss forces a device sync: do it every few steps, not every step. NaN/inf
         # propagate through the sum, so no diverged batch goes unnoticed.
         if b % 16 == 15 or b == n_batches - 1:
@@ -174,10 +199,17 @@ def predict_views(model, images: np.ndarray, cfg: dict, idx: np.ndarray | None =
     model = path.prepare_model(model.eval())
     idx = np.arange(len(images)) if idx is None else np.asarray(idx)
     out = np.empty(len(idx), dtype=np.float32)
+    starts = range(0, len(idx), batch_size)
+    if device.type == "cuda":  # rows in order (the output's), the next batch copied while this one computes
+        arrays = (x for (x,) in prefetch_to_cuda((images,), [np.sort(idx[s:s + batch_size]) for s in starts],
+                                                  device))
+        order = [np.argsort(idx[s:s + batch_size], kind="stable") for s in starts]
+    else:
+        arrays = (torch.from_numpy(np.ascontiguousarray(images[idx[s:s + batch_size]])) for s in starts)
+        order = None
     with torch.inference_mode():
-        for s in range(0, len(idx), batch_size):
+        for n, (s, x) in enumerate(zip(starts, arrays)):
             chunk = idx[s:s + batch_size]
-            x = torch.from_numpy(np.ascontiguousarray(images[chunk])).to(device)
             base = path.prepare_input(to_input(x, cfg, aug=False, dtype=path.input_dtype,
                                                channels_last=path.channels_last))
             buf = torch.empty_like(base) if len(views) > 1 or views[0] != 0 else None
@@ -187,7 +219,10 @@ def predict_views(model, images: np.ndarray, cfg: dict, idx: np.ndarray | None =
                 with path.autocast():
                     logits = model(view)
                 probs += torch.sigmoid(logits.float())
-            out[s:s + len(chunk)] = (probs / len(views)).cpu().numpy()
+            probs = (probs / len(views)).cpu().numpy()
+            if order is not None:  # the prefetcher delivered the rows sorted: put them back in idx's order
+                probs[order[n]] = probs.copy()
+            out[s:s + len(chunk)] = probs
     return out
 
 

@@ -1,11 +1,16 @@
 """Which numeric precision and memory layout a model runs in on this machine, chosen at run time.
 
-``config["precision"]`` is ``"auto"`` (default), ``"fp32"`` or ``"bf16"``; ``fast_path(config, device,
-training)`` turns it into a ``FastPath`` (bf16 autocast on/off, channels_last on/off, and why).
+``config["precision"]`` is ``"auto"`` (default), ``"fp32"``, ``"bf16"`` or ``"fp16"``; ``fast_path(config, device,
+training)`` turns it into a ``FastPath`` (autocast dtype or none, channels_last on/off, a gradient scaler for fp16,
+and why).
 
 The rule for ``auto`` (measured with ``python -m trainables.bench --only layouts``; figures in the README):
 
-- CUDA: bf16 autocast where the GPU supports bf16, channels_last.
+- CUDA, by the GPU's compute capability (``cuda_capability``; the one table is in docs/training.md): bf16 autocast
+  where bf16 is native (>= 8.0: A100, H100, RTX 30xx/40xx); fp16 autocast with a gradient scaler where fp16 is
+  fast (6.0 = P100, and >= 7.0 = V100, T4, RTX 20xx: tensor cores); fp32 elsewhere (Maxwell and the consumer
+  Pascal cards 6.1/6.2 run fp16 at a fraction of fp32's rate). channels_last in every case. torch's
+  ``is_bf16_supported()`` counts emulation by default: it said yes on a T4, which has no bf16 units.
 - CPU with *native* bf16 matrix instructions (x86 AMX-BF16 or AVX512-BF16, Arm BF16), detected from the
   CPU's feature flags, never assumed: bf16 autocast, except for training the depthwise-separable nets
   (mobilenet_v2, mobilenet_v3_large, efficientnet_b0). Their depthwise convolutions are memory-bound and
@@ -19,7 +24,9 @@ The rule for ``auto`` (measured with ``python -m trainables.bench --only layouts
 ``"fp32"`` is the reference path: fp32 and NCHW, PyTorch's defaults on every device, what this project ran
 before the fast path and what every notebook runs (for parity checks, and the baseline every speed-up is
 measured against). ``"bf16"`` forces bf16 autocast with channels_last (emulated, with a warning in the
-reason, on a CPU without native support). ``auto`` may thus be faster than ``fp32`` even where it keeps fp32
+reason, on a CPU or GPU without native support). ``"fp16"`` forces fp16 autocast with a ``torch.amp.GradScaler``
+(the loss is scaled so small fp16 gradients do not flush to zero; steps with inf/NaN gradients are skipped and
+the scale lowered); on a CPU it runs, slowly (for tests and parity checks). ``auto`` may thus be faster than ``fp32`` even where it keeps fp32
 arithmetic (fp32 channels_last). The request, not its resolution, is what a config carries:
 a search, its refit and ``search.predict`` on the same machine resolve it the same way, and each prints or
 reports the resolution (``FastPath.name``, the ``fast_path`` epoch metric).
@@ -38,7 +45,7 @@ import torch
 
 from datasets.errors import UserError
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # CPU feature names (torch.cpu.get_capabilities() and /proc/cpuinfo spell them alike) that mean bf16
 # matrix arithmetic in hardware.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
@@ -53,7 +60,7 @@ DEFAULT_INFERENCE_BATCH = 256
 def check_precision(value: str, option: str = "precision") -> str:
     if value not in PRECISIONS:
         raise UserError(f"{option} {value!r}: choose one of {', '.join(PRECISIONS)} (auto = bf16 where this "
-                        f"machine has native bf16 and the model gains from it, else fp32)")
+                        f"machine has native bf16 and the model gains from it, fp16 on older GPUs, else fp32)")
     return value
 
 
@@ -110,27 +117,52 @@ def _cpu_model() -> str:
 
 # --- the choice ---------------------------------------------------------------------------------
 
+# --- what the GPU can do ------------------------------------------------------------------------
+
+def cuda_capability(device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (tests fake it)."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def gpu_precision(capability: tuple[int, int]) -> str:
+    """auto's choice on a GPU of this compute capability: bf16 where native, fp16 where fast, else fp32."""
+    if capability >= (8, 0):
+        return "bf16"
+    if capability == (6, 0) or capability >= (7, 0):
+        return "fp16"
+    return "fp32"
+
+
 @dataclass(frozen=True)
 class FastPath:
     device_type: str
     bf16: bool
     channels_last: bool
     reason: str = ""
+    fp16: bool = False  # fp16 autocast + a gradient scaler
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
     @property
     def name(self) -> str:
-        return f"{'bf16' if self.bf16 else 'fp32'} {'channels_last' if self.channels_last else 'NCHW'}"
+        return f"{self.precision} {'channels_last' if self.channels_last else 'NCHW'}"
 
     @property
     def input_dtype(self) -> torch.dtype:
         """What the data path delivers: bf16 for a bf16 model (autocast would round the input to bf16 at
-        its first layer anyway), else fp32."""
+        its first layer anyway), else fp32 (autocast casts it for an fp16 model)."""
         return torch.bfloat16 if self.bf16 else torch.float32
 
     def autocast(self):
-        if not self.bf16:
+        if not (self.bf16 or self.fp16):
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        return torch.autocast(self.device_type, dtype=torch.bfloat16 if self.bf16 else torch.float16)
+
+    def grad_scaler(self):
+        """A torch.amp.GradScaler for fp16 training, else None (bf16 has fp32's range: nothing to scale)."""
+        return torch.amp.GradScaler(self.device_type) if self.fp16 else None
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model in this path's layout (in place, as Module.to is)."""
@@ -144,14 +176,16 @@ class FastPath:
 
 
 def choose(precision: str, backbone: str, device: torch.device | str, training: bool = True) -> FastPath:
-    """The FastPath for ``precision`` (auto | fp32 | bf16) of ``backbone`` on ``device``."""
+    """The FastPath for ``precision`` (auto | fp32 | bf16 | fp16) of ``backbone`` on ``device``."""
     check_precision(precision)
     dev = torch.device(device).type
     if precision == "fp32":
         return FastPath(dev, False, False, "precision fp32 requested: the reference path, PyTorch's defaults")
     if dev == "cuda":
-        bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
-        return FastPath("cuda", bf16, True, f"CUDA, precision {precision}")
+        return _cuda_path(precision, torch.device(device))
+    if precision == "fp16":
+        return FastPath(dev, False, dev == "cpu", f"precision fp16 requested (with a gradient scaler)"
+                        + ("; on a CPU it is slower than fp32" if dev == "cpu" else ""), fp16=True)
     if dev != "cpu":
         return FastPath(dev, False, False, f"{dev}: fp32 NCHW (bf16 autocast not used on this device)")
     native = native_bf16()
@@ -164,6 +198,21 @@ def choose(precision: str, backbone: str, device: torch.device | str, training: 
     if training and backbone in FP32_TRAINING_ON_CPU:
         return FastPath("cpu", False, True, f"auto: {backbone} (depthwise convolutions) trains faster in fp32")
     return FastPath("cpu", True, True, "auto: this CPU has native bf16")
+
+
+def _cuda_path(precision: str, device: torch.device) -> FastPath:
+    cap = cuda_capability(device)
+    best = gpu_precision(cap)
+    where = f"CUDA compute capability {cap[0]}.{cap[1]}"
+    if precision == "auto":
+        why = {"bf16": "native bf16", "fp16": "no native bf16, fast fp16: fp16 with a gradient scaler",
+               "fp32": "no native bf16 and slow fp16: fp32"}[best]
+        return FastPath("cuda", best == "bf16", True, f"auto: {where}, {why}", fp16=best == "fp16")
+    if precision == "bf16":
+        return FastPath("cuda", True, True, f"precision bf16 requested on {where}"
+                        + ("" if best == "bf16" else ": no native bf16, emulated, slower"))
+    return FastPath("cuda", False, True, f"precision fp16 requested on {where} (with a gradient scaler)"
+                    + ("" if best != "fp32" else ": slow fp16 on this GPU"), fp16=True)
 
 
 # --- the allocator ------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from datasets.errors import UserError
-from trainables.config import fast_path, pick_device, resolve_config
+from trainables.config import fast_path, resolve_config
+from trainables.device import claim_device, out_of_memory, pick_device
 from trainables.engine import (Diverged, SmoothedBCE, batches_per_epoch, epoch_seed, evaluate, make_optimizer,
                                resolve_pos_weight, train_one_epoch)
 from trainables.fastpath import reuse_freed_memory
@@ -32,7 +33,7 @@ def best_of(history: list[dict]) -> tuple[float, int]:
 
 def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None = None,
         epochs: int | None = None, on_epoch: Callable | None = None, resume: dict | None = None,
-        progress: bool = False, stop_epoch: int | None = None):
+        progress: bool = False, stop_epoch: int | None = None, device: torch.device | str | None = None):
     """Train ``config`` on ``train_idx`` (validating on ``val_idx`` when given).
 
     The learning-rate schedule spans ``epochs`` (default ``config['epochs']``); ``stop_epoch`` ends
@@ -41,7 +42,9 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
     ``on_epoch(metrics, state, predictions)`` is called after every epoch: ``state`` is the
     checkpoint dict (None when diverged), ``predictions`` = (labels, probs) or None. ``resume``
     is a checkpoint dict to continue from. Returns (model, history). A non-finite loss ends
-    training with a last history entry whose trial_status is "diverged".
+    training with a last history entry whose trial_status is "diverged". ``device``: where to train (default:
+    ``pick_device()``; a Ray trial passes what Ray assigned it); a CUDA out-of-memory error is raised as
+    trainables.device.OutOfGPUMemory (one line: backbone, batch size, what to change).
     """
     cfg = resolve_config(config)
     if epochs is not None:
@@ -55,7 +58,15 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
     labels = cache.labels[train_idx]
     if (labels < 0).any():
         raise UserError("train_idx holds unlabelled rows (label -1); train only on labelled splits")
-    device = pick_device()
+    device = claim_device(torch.device(device) if device is not None else pick_device())
+    try:
+        return _fit(cfg, cache, train_idx, val_idx, on_epoch, resume, progress, stop_epoch, device, labels)
+    except torch.cuda.OutOfMemoryError as e:
+        raise out_of_memory(cfg, device, e) from None
+
+
+def _fit(cfg, cache, train_idx, val_idx, on_epoch, resume, progress, stop_epoch, device, labels):
+    """fit's epochs on a chosen device (fit turns a CUDA out-of-memory error into its one line)."""
     path = fast_path(cfg, device, training=True)
     reuse_freed_memory()
     torch.manual_seed(int(cfg["seed"]))
@@ -63,11 +74,14 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
     model = path.prepare_model(model.to(device))
     criterion = SmoothedBCE(cfg["label_smoothing"], resolve_pos_weight(cfg, labels)).to(device)
     opt, sched = make_optimizer(model, cfg, batches_per_epoch(len(train_idx), int(cfg["batch_size"])))
+    scaler = path.grad_scaler()  # fp16 only
     history, start = [], 1
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         history, start = list(resume["history"]), int(resume["epoch"]) + 1
     last = min(int(cfg["epochs"]), int(stop_epoch or cfg["epochs"]))
     for epoch in range(start, last + 1):
@@ -75,12 +89,12 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
         t0 = time.perf_counter()
         try:
             train_loss, seen = train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg,
-                                               device, epoch, path, progress)
+                                               device, epoch, path, progress, scaler)
         except Diverged:
             metrics = {"epoch": epoch, "val_auc": 0.5, "val_loss": float("nan"), "val_acc": float("nan"),
                        "train_loss": float("nan"), "lr": float(sched.get_last_lr()[0]),
                        "epoch_seconds": time.perf_counter() - t0, "images_per_s": 0.0,
-                       "trial_status": "diverged", "fast_path": path.name}
+                       "trial_status": "diverged", "fast_path": path.name, "device": str(device)}
             best, at = best_of(history)
             # Tune needs the metric in every result; the search tells TPE a diverged trial FAILED and ranks it last.
             metrics.update(best_val_auc=0.5 if best != best else best, best_epoch=at)
@@ -90,7 +104,7 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
             break
         train_s = time.perf_counter() - t0
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "lr": float(sched.get_last_lr()[0]),
-                   "fast_path": path.name}
+                   "fast_path": path.name, "device": str(device)}
         preds = None
         if val_idx is not None and len(val_idx):
             ev = evaluate(model, criterion, cache, np.asarray(val_idx), cfg, path)
@@ -104,5 +118,7 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
         if on_epoch:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "epoch": epoch, "config": cfg, "history": history}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
             on_epoch(metrics, state, preds)
     return model, history

@@ -18,6 +18,7 @@ from datasets.errors import UserError, run_cli
 from trainables.config import DEFAULTS, fast_path, pick_device, resolve_config  # noqa: F401 (public API)
 from trainables.engine import (Diverged, SmoothedBCE, batches_per_epoch, evaluate, get_batch,  # noqa: F401
                                make_optimizer, model_step, predict_views, to_input, train_one_epoch)
+from trainables.device import DEVICE_HELP, check_device
 from trainables.fastpath import PRECISIONS
 from trainables.loop import best_of, fit  # noqa: F401
 from trainables.model_files import (load_checkpoint_model, load_model, model_from_state, predict_proba,  # noqa: F401
@@ -48,9 +49,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
-                   help="auto (default): bf16 + channels_last where this CPU has native bf16 and the model gains "
-                        "from it, else fp32 channels_last; fp32 = the reference path (fp32 NCHW, PyTorch's defaults); bf16 "
-                        "forces bf16 (see docs/training.md)")
+                   help="auto (default): bf16 + channels_last where this CPU or GPU has native bf16 (and the model "
+                        "gains from it), fp16 + a gradient scaler on older GPUs, else fp32 channels_last; fp32 = the "
+                        "reference path (fp32 NCHW, PyTorch's defaults); bf16, fp16 force them (see docs/training.md)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", default=None, help="save the trained model here (load with trainables.train.load_model)")
     return p
 
@@ -58,10 +60,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 @run_cli
 def main(argv=None) -> None:
     args = vars(get_args_parser().parse_args(argv))
-    out = args.pop("out")
+    out, device = args.pop("out"), check_device(args.pop("device"))
     if args["pos_weight"] not in (None, "auto"):
         args["pos_weight"] = float(args["pos_weight"])
-    model, history = train_pcam(args)
+    model, history = train_pcam(args, device=device)
     if out:
         print(f"saved {save_model(out, model, args)}")
     if history and history[-1]["trial_status"] == "diverged":

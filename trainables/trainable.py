@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from datasets.defaults import usable_cpus
-from trainables.config import fast_path, pick_device, resolve_config
+from trainables.config import fast_path, resolve_config
+from trainables.device import trial_device
 from trainables.loop import fit
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -92,19 +93,23 @@ def _print_epoch(metrics: dict, state, preds) -> None:
           flush=True)
 
 
-def train_pcam(config: dict, cache_path: str | os.PathLike | None = None):
+def train_pcam(config: dict, cache_path: str | os.PathLike | None = None, device: str = "auto"):
     """Ray Tune function trainable (also the CLI's engine).
 
     Returns (model, history) when run standalone and None inside Tune (Tune only accepts a
     dict/number/None from a function trainable; everything was reported already).
     ``cache_path``: an existing decode-once cache (what the search passes to every trial, so no
     trial rebuilds it); else ``config['data_dir']`` (None = embedded synthetic data) is prepared.
+    ``device`` (auto | cpu | cuda | cuda:N) outside Tune; inside, the device is what Ray assigned the trial
+    (trainables.device: no GPU assigned = the CPU, even on a GPU host; a GPU fraction caps its memory).
     """
     cfg = resolve_config(config)
     tune_mode = in_tune_session()
     torch.set_num_threads(trial_cpus())
-    path = fast_path(cfg, pick_device(), training=True)
-    print(f"{cfg['backbone']}: {path.name} ({path.reason}), {torch.get_num_threads()} thread(s)", flush=True)
+    dev = trial_device(device, in_ray_trial=tune_mode)
+    path = fast_path(cfg, dev, training=True)
+    print(f"{cfg['backbone']}: {path.name} on {dev} ({path.reason}), {torch.get_num_threads()} thread(s)",
+          flush=True)
     cache = _open_data(cfg, cache_path, progress=not tune_mode)
     from datasets.splits import train_val_split
     train_idx, val_idx = train_val_split(cache, val_fraction=float(cfg["val_fraction"]), seed=int(cfg["seed"]))
@@ -117,5 +122,5 @@ def train_pcam(config: dict, cache_path: str | os.PathLike | None = None):
                 resume = load_checkpoint(d)
     model, history = fit(cfg, cache, train_idx, val_idx,
                          on_epoch=_tune_reporter if tune_mode else _print_epoch,
-                         resume=resume, progress=not tune_mode and sys.stderr.isatty())
+                         resume=resume, progress=not tune_mode and sys.stderr.isatty(), device=dev)
     return None if tune_mode else (model, history)
