@@ -136,7 +136,7 @@ def ranked_trials(best: dict) -> list[dict]:
     out = []
     for rank, row in enumerate(board.itertuples(index=False), 1):
         auc, status = float(row.best_val_auc), str(row.status)
-        if math.isnan(auc) or not int(row.best_epoch) or status.startswith(("diverged", "errored")):
+        if math.isnan(auc) or not int(row.best_epoch) or status.startswith(("diverged", "errored", "out of GPU memory")):
             continue
         if row.trial_id not in configs:
             raise UserError(f"trial {row.trial_id} of {board_path} is not in the Ray experiment {exp}: "

@@ -11,6 +11,7 @@ Why each kind exists, and what it means for each reader:
 | cut         | ended early, not by ASHA, with no budget hit                  | PRUNED       | FINISHED | yes    |
 | diverged    | its loss became NaN/inf                                       | FAIL         | FAILED   | no     |
 | errored     | it raised                                                     | FAIL         | FAILED   | no     |
+| gpu_memory  | CUDA ran out of memory ("out of GPU memory (backbone, batch size)") | FAIL   | FAILED   | no     |
 | silent      | ended without reporting an epoch                              | FAIL         | FAILED   | no     |
 | interrupted | Ctrl-C / a crash left it mid-way: --resume continues it       | (running)    | KILLED   | yes    |
 | unstarted   | the search ended before its first epoch                       | FAIL / (run) | KILLED   | no     |
@@ -24,6 +25,8 @@ unmarked early end of a finished trial is the budget's (or, without a budget, so
 PRUNED, not COMPLETE, for early stops: Optuna ranks every COMPLETE trial above every PRUNED one and orders
 pruned trials by (deepest step reached, value there), which is what a partially trained trial is. FAIL for
 diverged and errored trials: TPE ignores them, so a diverging learning rate never lands in its "good" group.
+Out of GPU memory is its own kind because its cure is not in the config TPE searched but in the resources
+(`--gpus-per-trial`) or the batch size: the summary says so (`what_to_change`).
 
 The objective (one number everywhere: what TPE is told, what the leaderboard ranks, what refit_best reproduces)
 is `best_val_auc`: the best validation AUC a trial reached up to that epoch, at `best_epoch`. Best, not last:
@@ -33,12 +36,17 @@ the last epochs rarely differ much; where they do, the best epoch is the one wor
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 OBJECTIVE, MODE = "best_val_auc", "max"
 STOP_MARK = "stopped_by_scheduler"  # set in the result at which ASHA decided STOP (search.searcher)
 _OPTUNA = {"completed": "COMPLETE", "stopped": "PRUNED", "budget": "PRUNED", "cut": "PRUNED",
-           "diverged": "FAIL", "errored": "FAIL", "silent": "FAIL"}
+           "diverged": "FAIL", "errored": "FAIL", "silent": "FAIL", "gpu_memory": "FAIL"}
+# trainables.device.OutOfGPUMemory's message starts with this (and names backbone, batch size); torch's own
+# error (raised outside fit) is torch.OutOfMemoryError / torch.cuda.OutOfMemoryError.
+GPU_MEMORY = "out of GPU memory"
+_GPU_MEMORY_ERROR = re.compile(r"out of GPU memory( \([^)]*\))?|OutOfMemoryError|CUDA out of memory")
 _MLFLOW = {"completed": "FINISHED", "stopped": "FINISHED", "cut": "FINISHED", "budget": "KILLED",
            "interrupted": "KILLED", "unstarted": "KILLED"}
 
@@ -57,6 +65,7 @@ class Outcome:
                 "budget": f"cut by time budget at epoch {e}", "cut": f"ended early at epoch {e}",
                 "diverged": f"diverged at epoch {e}",
                 "errored": f"errored: {self.error}" if self.error else "errored",
+                "gpu_memory": _gpu_memory_label(self.error),
                 "silent": "ended without reporting", "interrupted": f"interrupted at epoch {e}",
                 "unstarted": "ended before its first epoch"}[self.kind]
 
@@ -109,7 +118,8 @@ def decide(last: dict | None, max_epochs: int, *, error=None, finished: bool = T
     last = last or {}
     epoch = int(last.get("epoch") or last.get("training_iteration") or 0)
     if error is not None and error is not False:
-        return Outcome("errored", epoch, "" if error is True else error_line(error))
+        line = "" if error is True else error_line(error)
+        return Outcome("gpu_memory" if _GPU_MEMORY_ERROR.search(line) else "errored", epoch, line)
     if last.get("trial_status") == "diverged":
         return Outcome("diverged", epoch)
     if last.get("trial_status") == "completed" or int(last.get("training_iteration") or 0) >= max_epochs:
@@ -123,3 +133,18 @@ def decide(last: dict | None, max_epochs: int, *, error=None, finished: bool = T
     if not finished and (interrupted or not budget_hit):
         return Outcome("interrupted", epoch, search_over=False)
     return Outcome("budget" if budget_hit else "cut", epoch)
+
+
+def _gpu_memory_label(error: str) -> str:
+    """"out of GPU memory (backbone, batch size)" where the trainable named them (trainables.device)."""
+    found = _GPU_MEMORY_ERROR.search(error or "")
+    return found.group(0) if found and found.group(0).startswith(GPU_MEMORY) else GPU_MEMORY
+
+
+def what_to_change(outcomes) -> str:
+    """The summary's advice for trials that ran out of GPU memory ("" when none did)."""
+    n = sum(o.kind == "gpu_memory" for o in outcomes)
+    if not n:
+        return ""
+    return (f"{n} trial(s) ran out of GPU memory: give each trial more of a GPU (a larger --gpus-per-trial, e.g. 1, "
+            f"runs fewer at once) or search smaller batch sizes (the status names each one's backbone and batch size)")

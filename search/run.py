@@ -18,7 +18,7 @@ from pathlib import Path
 from datasets import defaults
 from datasets.errors import UserError, run_cli
 from search import insight, private_api, report, searcher, tracking
-from search.outcome import OBJECTIVE
+from search.outcome import OBJECTIVE, what_to_change
 from search.plan import Plan, plan_search
 from search.settings import load_settings, save_settings
 from search.spaces import list_spaces
@@ -62,9 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", help="comma-separated backbones to choose from (backbones/baseline spaces)")
     p.add_argument("--backbone", help="the backbone to fine-tune (finetune space)")
     p.add_argument("--no-pretrained", action="store_true", help="train every backbone from scratch")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
-                   help="trial precision (default auto: bf16 + channels_last where this CPU has native bf16 and the "
-                        "model gains from it, else fp32; see docs/training.md)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="trial precision (default auto: bf16 + channels_last where this CPU/GPU has native bf16 and the "
+                        "model gains from it, fp16 + a gradient scaler on older GPUs, else fp32; see docs/training.md)")
     p.set_defaults(pretrained=None)
     p.add_argument("--grace-period", type=int, help="ASHA: epochs every trial gets before it can be stopped")
     p.add_argument("--reduction-factor", type=float, help="ASHA: keep the top 1/this at each rung")
@@ -178,7 +178,9 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
             print(f"search interrupted before any epoch finished; {resume_hint}")
             return {}
         first = next((s.status for s in summaries if s.error), "no trial reported a result")
-        raise UserError(f"no trial of {plan.name} finished an epoch ({first}); see {board_path}")
+        advice = what_to_change([s.outcome for s in summaries])
+        raise UserError(f"no trial of {plan.name} finished an epoch ({first}); see {board_path}"
+                        + (f". {advice}" if advice else ""))
     best = ranked[0]
     child = _child_run_id(plan, parent_run_id, best.trial_id)
     record = report.best_config_record(
@@ -196,7 +198,8 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
     kinds = [s.outcome.kind for s in summaries]
     counts = {"n_trials": len(summaries), "n_completed": kinds.count("completed"),
               "n_stopped_by_asha": kinds.count("stopped"), "n_cut_by_budget": kinds.count("budget"),
-              "n_diverged": kinds.count("diverged"), "n_errored": kinds.count("errored")}
+              "n_diverged": kinds.count("diverged"), "n_errored": kinds.count("errored"),
+              "n_out_of_gpu_memory": kinds.count("gpu_memory")}
     tracking.finish_parent(
         plan.tracking_uri, parent_run_id,
         metrics={"best_val_auc": best.best_val_auc, "best_epoch": best.best_epoch, **counts,
@@ -206,6 +209,8 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
         artifacts=[board_path, best_path, *pictures], status="KILLED" if interrupted else "FINISHED")
     print(f"\nbest: trial {best.trial_id} val_auc {best.best_val_auc:.4f} at epoch {best.best_epoch} "
           f"({best.status})\nleaderboard: {board_path}\nbest config: {best_path}\n{explained.summary()}")
+    if what_to_change([s.outcome for s in summaries]):
+        print(what_to_change([s.outcome for s in summaries]))
     if interrupted:
         print(f"search interrupted with {plan.unfinished} trial(s) unfinished; {resume_hint}")
     elif plan.unfinished:  # Ray counts the budget across resumes: a spent budget is the end of this search

@@ -2,6 +2,7 @@
 divergence, model files, the CLI."""
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,25 @@ def test_fit_runs_in_the_precision_chosen_at_run_time(toy_cache, monkeypatch, na
     dtypes.clear()
     fit({**cfg, "precision": "fp32"}, toy_cache, np.arange(64))
     assert dtypes == {(True, torch.float32)}
+
+
+def test_fp16_with_a_gradient_scaler_trains_on_the_cpu_and_learns(toy_cache):
+    """The path auto takes on pre-Ampere GPUs (fp16 autocast + torch.amp.GradScaler), run on the CPU."""
+    from datasets.splits import train_val_split
+    train_idx, val_idx = train_val_split(toy_cache, val_fraction=0.25, seed=0)
+    # 48 px (the toy's blob survives the resize): torch's fp16 convolutions on a CPU are ~6x slower than fp32.
+    cfg = {**TINY, "backbone": "baseline_bn", "lr": 3e-3, "epochs": 2, "pos_weight": "auto", "precision": "fp16",
+           "input_size": 48}
+    states = []
+    model, history = fit(cfg, toy_cache, train_idx, val_idx, on_epoch=lambda m, s, p: states.append(copy.deepcopy(s)))
+    assert {h["fast_path"] for h in history} == {"fp16 channels_last"}
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["val_auc"] > 0.8
+    assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+    scaler = states[-1]["scaler"]  # the scaler ran (its state is checkpointed for a resume)
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 0
+    # resumed from epoch 1's checkpoint (scaler included), epoch 2 is what the uninterrupted run computed
+    _, resumed = fit(cfg, toy_cache, train_idx, val_idx, resume=states[0])
+    assert resumed[-1]["train_loss"] == pytest.approx(history[-1]["train_loss"], rel=1e-5)
 
 
 def test_tta_is_the_mean_over_the_eight_per_sample_dihedral_views(toy_cache):
@@ -255,12 +275,12 @@ def test_cli_prints_one_line_per_epoch(toy_dir, tmp_path, capsys, monkeypatch):
     args = ["--epochs", "1", "--batch-size", "16", "--max-train-samples", "48", "--data-dir", str(toy_dir),
             "--cache-dir", str(tmp_path / "c")]
     out = subprocess.run([sys.executable, "-m", "trainables.train", "--backbone", "baseline", *args,
-                          "--precision", "fp32", "--out", str(tmp_path / "model.pt")], cwd=REPO, env=env,
+                          "--precision", "fp32", "--device", "cpu", "--out", str(tmp_path / "model.pt")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("epoch")]
     assert len(lines) == 1 and "val_auc" in lines[0] and "img/s" in lines[0] and "completed" in lines[0]
-    assert "baseline: fp32 NCHW (precision fp32 requested: the reference path, PyTorch's defaults), " in out.stdout
+    assert "baseline: fp32 NCHW on cpu (precision fp32 requested: the reference path, PyTorch's defaults), " in out.stdout
     assert load_model(tmp_path / "model.pt")[1]["precision"] == "fp32"   # a refit/predict reproduces it
     # Pretrained weights missing offline: one line naming the file, exit 2, no traceback.
     from trainables.train import main
@@ -269,3 +289,9 @@ def test_cli_prints_one_line_per_epoch(toy_dir, tmp_path, capsys, monkeypatch):
     assert main(["--backbone", "resnet18", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "resnet18-f37072fd.pth" in err
+    # --device: a device this machine lacks, or a misspelt one, is one line before any data is read.
+    monkeypatch.setattr("trainables.device.cuda_device_count", lambda: 0)
+    for device, expected in (("cuda:1", "error: --device cuda:1: this machine has 0 CUDA device(s); use --device cpu"),
+                             ("gpu", "error: --device 'gpu': choose auto")):
+        assert main([*args, "--device", device]) == 2
+        assert capsys.readouterr().err.strip().startswith(expected)
