@@ -8,7 +8,10 @@ never as a traceback.
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 
@@ -20,6 +23,26 @@ class UserError(Exception):
 
 class DataError(UserError):
     """The data on disk is missing, malformed or inconsistent."""
+
+
+def check_writable(path: str | os.PathLike, option: str) -> Path:
+    """``path`` as a file this process can create or replace (its missing folders may be created), checked by
+    creating a temporary file beside it, so a long job fails at its start, not at its end."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders write_* would create
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{option} {path}: {folder} is a file, not a folder; choose another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot write into {folder} ({e.strerror or type(e).__name__}); "
+                        f"choose another path") from None
+    return path
 
 
 def run_cli(main: Callable[..., int | None]) -> Callable[..., int]:

@@ -242,8 +242,9 @@ class Ensemble:
         return path
 
 
-def load_ensemble(path: str | os.PathLike) -> Ensemble:
-    """An :class:`Ensemble` from a model file of either format (weights_only: no pickle)."""
+def load_ensemble(path: str | os.PathLike, device=None) -> Ensemble:
+    """An :class:`Ensemble` from a model file of either format (weights_only: no pickle), on ``device``
+    (default: trainables' pick_device, a GPU when there is one)."""
     import torch
     from trainables.train import load_model, model_from_state, pick_device
 
@@ -256,7 +257,7 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
         raise UserError(f"{path} is not a pcam-tune model file ({type(e).__name__}): write one with "
                         f"`python -m search.refit_best`") from None
     if not (isinstance(blob, dict) and blob.get("format") == ENSEMBLE_FORMAT):
-        return Ensemble([load_model(path)])
-    device = pick_device()
+        return Ensemble([load_model(path, device)])
+    device = device or pick_device()
     members = [(model_from_state(m["config"], m["state_dict"], device), m["config"]) for m in blob["members"]]
     return Ensemble(members, [m["name"] for m in blob["members"]])

@@ -5,9 +5,11 @@
 Writes ``id,label`` (id = file name without .tif, label = tumour probability), sorted by id, with
 the mean of the 8 dihedral views by default (--no-tta for the plain view); an ensemble's model file
 (refit_best --folds/--top-k) gives the mean of its members, as in its submission. Images are read and
-checked by the datasets layer (96x96 RGB uint8), so a bad file stops with its name. Inference runs in
-each network's precision setting (saved with it; --precision overrides it, trainables.fastpath has the
-rule), with as many threads as the CPUs this process may use.
+checked by the datasets layer (96x96 RGB uint8), so a bad file stops with its name. The folder is read and
+scored ``CHUNK`` patches at a time, so memory stays bounded whatever its size (the Kaggle test set is 57,458
+patches; decoding it whole took 1.6 GB). Inference runs on a GPU when there is one (--device), in each
+network's precision setting (saved with it; --precision overrides it, trainables.fastpath has the rule), with as
+many threads as the CPUs this process may use. An --out that cannot be written stops before anything is scored.
 """
 from __future__ import annotations
 
@@ -16,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.errors import DataError, UserError, run_cli
+from datasets.errors import DataError, UserError, check_writable, run_cli
 from search import submission as sub
+from trainables.device import DEVICE_HELP, check_device
 from trainables.fastpath import PRECISIONS
+
+CHUNK = 4096  # patches decoded and scored at a time: 113 MB of uint8 images (refit reads its cache alike)
 
 
 def tif_ids(images_dir: Path) -> list[str]:
@@ -35,27 +40,36 @@ def tif_ids(images_dir: Path) -> list[str]:
 
 
 def score_folder(model_path: Path, images_dir: Path, tta: bool = True, batch_size: int | None = None,
-                 precision: str | None = None) -> tuple[list[str], np.ndarray]:
+                 precision: str | None = None, device: str = "auto") -> tuple[list[str], np.ndarray]:
     """Ids and probabilities of a folder's patches; an ensemble model file averages its members."""
     import torch
+    from tqdm.auto import tqdm
+
     from datasets.images import read_patches
     from search.ensemble import load_ensemble
-    from trainables.train import fast_path, trial_cpus
+    from trainables.train import fast_path, pick_device, trial_cpus
 
     if not Path(model_path).is_file():
         raise UserError(f"--model {model_path}: not found (train one with `python -m search.refit_best`)")
     torch.set_num_threads(trial_cpus())
-    model = load_ensemble(model_path)
+    model = load_ensemble(model_path, pick_device(device))
     for net, config in model.members:
         if precision:
             config["precision"] = precision
-        path = fast_path(config, next(net.parameters()).device, training=False)
-        print(f"scoring with {config['backbone']}: {path.name} ({path.reason}), batch "
+        dev = next(net.parameters()).device
+        path = fast_path(config, dev, training=False)
+        print(f"scoring with {config['backbone']}: {path.name} on {dev} ({path.reason}), batch "
               f"{batch_size or path.inference_batch()}, {torch.get_num_threads()} thread(s), "
               f"TTA {'8 views' if tta else 'off'}", flush=True)
     ids = tif_ids(images_dir)
-    images = read_patches(images_dir, ids, progress=True)
-    return ids, model.predict_proba(images, tta=tta, batch_size=batch_size)
+    probs = np.empty(len(ids), dtype=np.float32)
+    with tqdm(total=len(ids), desc="score", unit="img", leave=False) as bar:
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start:start + CHUNK]
+            images = read_patches(images_dir, chunk, progress=False)
+            probs[start:start + len(chunk)] = model.predict_proba(images, tta=tta, batch_size=batch_size)
+            bar.update(len(chunk))
+    return ids, probs
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,8 +80,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tta", action="store_true", help="plain view only (default: mean of 8 dihedral views)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 64 on CPU, 256 on GPU)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="auto | fp32 | bf16 (default: the model's setting, saved with it; auto = bf16 where this "
-                        "CPU has native bf16, else fp32)")
+                   help="auto | fp32 | bf16 | fp16 (default: the model's setting, saved with it; auto = bf16 where "
+                        "this CPU or GPU has native bf16, fp16 on older GPUs, else fp32)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     return p
 
 
@@ -76,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    out = check_writable(args.out, "--out")  # before minutes of scoring, not after
     ids, probs = score_folder(Path(args.model), Path(args.images), tta=not args.no_tta, batch_size=args.batch_size,
-                              precision=args.precision)
-    out = Path(args.out)
+                              precision=args.precision, device=check_device(args.device))
     sub.clean_stale_tmp(out)
     sub.write_submission(out, np.asarray(ids), probs)
     print(f"wrote {out} ({len(ids):,} patches, TTA {'off' if args.no_tta else 'on'})")

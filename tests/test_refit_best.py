@@ -226,11 +226,57 @@ def test_predict_precision_option_overrides_the_models(refitted, tmp_path, capsy
     out = tmp_path / "scores.csv"
     argv = ["--model", str(refitted["model"]), "--images", str(folder), "--out", str(out)]
     assert predict.main([*argv, "--precision", "fp32"]) == 0
-    assert "fp32 NCHW (precision fp32 requested: the reference path" in capsys.readouterr().out
+    assert "fp32 NCHW on cpu (precision fp32 requested: the reference path" in capsys.readouterr().out
     fp32 = pd.read_csv(out)["label"].to_numpy()
     assert predict.main([*argv, "--precision", "bf16"]) == 0
-    assert "bf16 channels_last (precision bf16 requested" in capsys.readouterr().out
+    assert "bf16 channels_last on cpu (precision bf16 requested" in capsys.readouterr().out
     np.testing.assert_allclose(pd.read_csv(out)["label"], fp32, atol=0.02)
+
+
+def test_predict_streams_a_folder_larger_than_its_chunk_in_bounded_memory(refitted, tmp_path, monkeypatch):
+    """480 patches scored 64 at a time: the peak of Python-tracked memory (numpy's arrays included) stays
+    well under the decoded folder's size, and the scores are those of the whole folder decoded at once."""
+    import tracemalloc
+
+    from datasets.images import read_patches
+    from search.ensemble import load_ensemble
+
+    src = sorted((refitted["data_dir"] / "test").glob("*.tif"))
+    folder, n = tmp_path / "many", 480
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"p{i:04d}.tif").symlink_to(src[i % len(src)])
+    monkeypatch.setattr(predict, "CHUNK", 64)
+    out = tmp_path / "scores.csv"
+    tracemalloc.start()
+    try:
+        rc = predict.main(["--model", str(refitted["model"]), "--images", str(folder), "--out", str(out), "--no-tta"])
+        _, streamed_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        ids = sorted(p.stem for p in folder.glob("*.tif"))
+        whole = read_patches(folder, ids, progress=False)  # what search.predict did before
+        _, whole_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rc == 0 and whole.nbytes == n * 96 * 96 * 3
+    assert streamed_peak < whole.nbytes / 3 < whole_peak / 3, (streamed_peak, whole_peak)
+    before = load_ensemble(refitted["model"]).predict_proba(whole, tta=False)
+    got = pd.read_csv(out, dtype={"id": str})
+    assert got["id"].tolist() == ids
+    np.testing.assert_array_equal(got["label"].to_numpy().astype(np.float32), before)
+
+
+def test_predict_out_that_cannot_be_written_fails_in_one_line_before_scoring(refitted, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    folder = refitted["data_dir"] / "test"
+    for out, expected in ((blocker / "scores.csv", "is a file, not a folder"), (tmp_path, "is a folder"),
+                          (Path("/proc/pcam-scores.csv"), "cannot write into /proc")):
+        rc = predict.main(["--model", str(refitted["model"]), "--images", str(folder), "--out", str(out)])
+        captured = capsys.readouterr()
+        assert rc == 2 and "scoring with" not in captured.out, captured.out
+        err = captured.err.strip()
+        assert err.startswith(f"error: --out {out}: ") and expected in err and "\n" not in err
 
 
 def test_predict_cli_names_a_bad_image(refitted, tmp_path, capsys):
