@@ -10,7 +10,7 @@ NAME   ?= demo
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test test-all ui bench clean
+.PHONY: install demo test test-all ui bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: $(STAMP)
 	$(PY) -m datasets.bench
 	$(PY) -m trainables.bench
 	$(PY) -m search.bench
+
+# The GPU figures (trainables/bench_gpu.py). No install step: it needs only torch, torchvision and numpy, so it runs
+# in a stock PyTorch GPU container from this checkout. DATA = a Kaggle-layout folder of real patches.
+bench-gpu:
+	PYTHONPATH=. $(PYTHON) -m trainables.bench --only gpu $(if $(DATA),--data-dir $(DATA))
 
 clean:
 	rm -rf $(VENV) results/*/ results/mlflow.db .pytest_cache

@@ -106,13 +106,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-checkpoint", action="store_true",
                    help="no refit: predict with the best trial's checkpoint (trained on the train split only)")
     p.add_argument("--batch-size", type=int, help="images per prediction forward pass (default 64 on CPU, 256 on GPU)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="training and prediction precision (default: the search's, in its best_config.json; "
-                        "auto = bf16 where this CPU has native bf16 and the model gains from it, else fp32)")
+                        "auto = bf16 where this CPU or GPU has native bf16 and the model gains from it, fp16 + a "
+                        "gradient scaler on older GPUs, else fp32)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else the CPU), cpu, cuda or cuda:N")
     return p
 
 
 def check_args(args) -> None:
+    from trainables.device import pick_device
+
+    pick_device(args.device)  # a device this machine lacks: one line now, not after the data is read
     for option in ("epochs", "max_train_samples", "batch_size"):
         value = getattr(args, option)
         if value is not None and value < 1:

@@ -58,7 +58,7 @@ def train_members(members: list[Member], cache, test_rows, args, run, test_label
         with member_run(run, m, n, len(members)) as mrun:
             if mrun is not None:
                 member_runs[m.name] = mrun.info.run_id
-            return train(m, cache, run is not None)
+            return train(m, cache, run is not None, getattr(args, "device", "auto"))
 
     def predict_rows(net, m: Member, rows):
         return predict_cache_rows(net, cache, rows, m.config, not args.no_tta, args.batch_size)
@@ -92,13 +92,14 @@ def member_summaries(trained, test_labels, oof: dict | None, member_runs: dict) 
     return out
 
 
-def train(m: Member, cache, log_to_mlflow: bool):
+def train(m: Member, cache, log_to_mlflow: bool, device: str = "auto"):
     from trainables.train import fast_path, fit, pick_device
 
-    path = fast_path(m.config, pick_device(), training=True)
-    print(f"training {m.config['backbone']} in {path.name} ({path.reason})", flush=True)
+    dev = pick_device(device)
+    path = fast_path(m.config, dev, training=True)
+    print(f"training {m.config['backbone']} in {path.name} on {dev} ({path.reason})", flush=True)
     model, history = fit(m.config, cache, m.train_rows, val_idx=None, on_epoch=epoch_reporter(m.stop_epoch, log_to_mlflow),
-                         progress=True, stop_epoch=m.stop_epoch)
+                         progress=True, stop_epoch=m.stop_epoch, device=dev)
     if history and history[-1].get("trial_status") == "diverged":
         raise UserError(f"the refit ({m.name}) diverged at epoch {history[-1]['epoch']} (non-finite loss), nothing "
                         f"written: retry with another --seed, or rerun the search with a lower learning rate")
@@ -108,7 +109,7 @@ def train(m: Member, cache, log_to_mlflow: bool):
 def checkpoint_model(best: dict, cache, test_rows, args) -> Fitted:
     """--from-checkpoint: the best trial's own weights (trained on the train split only), no refit."""
     from search.storage import local_checkpoint
-    from trainables.train import CHECKPOINT_FILE, load_checkpoint_model
+    from trainables.train import CHECKPOINT_FILE, load_checkpoint_model, pick_device
 
     folder = best.get("checkpoint_path")
     missing = UserError(f"the best trial's checkpoint {folder} is missing ({best['_path']}): "
@@ -119,6 +120,7 @@ def checkpoint_model(best: dict, cache, test_rows, args) -> Fitted:
         if not (local / CHECKPOINT_FILE).is_file():
             raise missing
         net, cfg, epoch = load_checkpoint_model(local)
+    net = net.to(pick_device(getattr(args, "device", "auto")))
     print(f"using the best trial's checkpoint {folder} (epoch {epoch}), no refit")
     probs = None if test_rows is None else predict_cache_rows(net, cache, test_rows, cfg, not args.no_tta, args.batch_size)
     return Fitted(Ensemble([(net, cfg)], ["checkpoint"]), probs, {"epochs": epoch, "seed": cfg["seed"], "members": []})

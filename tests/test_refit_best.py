@@ -522,6 +522,7 @@ def test_fold_members_have_nested_mlflow_runs(folded):
     (["--folds", "1"], "at least 2 folds"),
     (["--folds", "3", "--from-checkpoint"], "cannot be combined"),
     (["--top-k", "2"], "leaderboard.csv"),  # the tiny search has no leaderboard / Ray experiment
+    (["--device", "cuda:7"], "--device cuda:7: this machine has"),  # before any data is read or trained
 ])
 def test_error_bad_ensemble_options(tiny, capsys, argv, match):
     err = _error(capsys, ["--results-dir", str(tiny["results"]), "--name", NAME, "--no-mlflow", *argv])

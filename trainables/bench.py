@@ -4,6 +4,7 @@ against this project's previous code path, side by side.
     python -m trainables.bench [--data-dir DIR] [--repeats 3] [--only data,train,infer] [--threads N]
     python -m trainables.bench --only layouts      # the measurement behind trainables.fastpath's rule
     python -m trainables.bench --only parity       # bf16 vs fp32 val/test AUC, same config and seed
+    python -m trainables.bench --only gpu          # the GPU figures: trainables/bench_gpu.py (CUDA only)
 
 Every figure is the median of ``--repeats`` (>= 3 by default) with its min-max. Each measurement runs
 in a fresh process (the allocator setting of trainables.fastpath.reuse_freed_memory is process-wide
@@ -464,7 +465,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="Kaggle-layout folder (default: ../shared/pcam_sample, else synthetic)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
-                   help=f"comma-separated sections of: {', '.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)})")
+                   help=f"comma-separated sections of: {', '.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)}); "
+                        f"or gpu alone: the GPU figures (python -m trainables.bench --only gpu --help)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per figure (median, min-max); default 3")
     p.add_argument("--images", type=int, default=2048, help="images per data-only measurement at 96 px")
     p.add_argument("--batch-size", type=int, default=64)
@@ -493,6 +495,16 @@ def load_data(data_dir: str | None, cache_dir: str | None):
 
 @run_cli
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    only = argparse.ArgumentParser(add_help=False)
+    only.add_argument("--only", default="")
+    asked = only.parse_known_args(argv)[0].only
+    if "gpu" in asked.split(","):
+        if asked != "gpu":
+            raise UserError(f"--only {asked}: gpu runs alone (its own options: --only gpu --help)")
+        # Its own module and options: it must run where only torch, torchvision and numpy are installed.
+        from trainables import bench_gpu
+        return bench_gpu.run(argv)
     from trainables.train import trial_cpus
     a = get_args_parser().parse_args(argv)
     sections = [s.strip() for s in a.only.split(",") if s.strip()]
