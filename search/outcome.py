@@ -11,7 +11,7 @@ Why each kind exists, and what it means for each reader:
 | cut         | ended early, not by ASHA, with no budget hit                  | PRUNED       | FINISHED | yes    |
 | diverged    | its loss became NaN/inf                                       | FAIL         | FAILED   | no     |
 | errored     | it raised                                                     | FAIL         | FAILED   | no     |
-| gpu_memory  | CUDA ran out of memory ("out of GPU memory (backbone, batch size)") | FAIL   | FAILED   | no     |
+| gpu_memory  | CUDA ran out of memory (label names backbone, batch size)     | FAIL         | FAILED   | no     |
 | silent      | ended without reporting an epoch                              | FAIL         | FAILED   | no     |
 | interrupted | Ctrl-C / a crash left it mid-way: --resume continues it       | (running)    | KILLED   | yes    |
 | unstarted   | the search ended before its first epoch                       | FAIL / (run) | KILLED   | no     |

@@ -10,6 +10,8 @@ On one CUDA GPU, with the product's own code paths (trainables.engine / loop / f
           real labelled patches from --data-dir (a Kaggle-layout folder: train/*.tif + train_labels.csv);
   infer   8-view TTA inference images/s, fp32 vs auto.
 
+--precision bf16 or fp16 compares a forced precision with fp32 instead of auto (e.g. fp16 vs bf16 on an A100).
+
 Each figure is the median (min-max) of --repeats. It prints tables to paste (Markdown) and refuses in one line on a
 machine without CUDA. It needs torch, torchvision and numpy (Pillow comes with torchvision) and the patches: no
 Ray, MLflow, Optuna, numba, pandas, scikit-learn or tqdm, so it runs in a stock PyTorch GPU container from a
@@ -106,13 +108,13 @@ def trainer(backbone: str, precision: str, data, device: torch.device, batch: in
 
 def m_step(a, data, device, backbone: str) -> dict:
     out = {}
-    for precision in ("fp32", "auto"):  # interleaved per repeat: a GPU that heats up affects both alike
+    for precision in ("fp32", a.precision):  # interleaved per repeat: a GPU that heats up affects both alike
         out[precision] = trainer(backbone, precision, data, device, a.batch_size)
     runs = {p: [] for p in out}
     for r in range(a.repeats):
         for p, (run, _) in out.items():
             runs[p].append(run(a.batches, r + 1))
-    return {"fp32": runs["fp32"], "auto": runs["auto"], "path": out["auto"][1].name}
+    return {"fp32": runs["fp32"], "auto": runs[a.precision], "path": out[a.precision][1].name}
 
 
 def m_infer(a, data, device, backbone: str) -> dict:
@@ -123,7 +125,7 @@ def m_infer(a, data, device, backbone: str) -> dict:
     cfg = resolve_config({"backbone": backbone, "pretrained": False})
     n = min(len(data.labels), a.infer_images)
     out = {}
-    for precision in ("fp32", "auto"):
+    for precision, key in (("fp32", "fp32"), (a.precision, "auto")):
         path = fast_path({**cfg, "precision": precision}, device, training=False)
         model = build_model(backbone, pretrained=False).to(device)
         predict_views(model, data.images, cfg, np.arange(min(n, 64)), views=tuple(range(8)), path=path)  # warm-up
@@ -134,18 +136,18 @@ def m_infer(a, data, device, backbone: str) -> dict:
             predict_views(model, data.images, cfg, np.arange(n), views=tuple(range(8)), path=path)
             sync(device)
             ips.append(n / (time.perf_counter() - t0))
-        out[precision] = ips
+        out[key] = ips
     return out
 
 
-def packed_worker(images_file: str, labels: np.ndarray, backbone: str, batch: int, n_batches: int, share: float,
-                  device_name: str, barrier, results) -> None:
+def packed_worker(images_file: str, labels: np.ndarray, backbone: str, precision: str, batch: int, n_batches: int,
+                  share: float, device_name: str, barrier, results) -> None:
     """One packed 'trial': capped at its share of the GPU memory, started with the others, timed alone."""
     from trainables.device import claim_device
 
     device = claim_device(torch.device(device_name), share)
     data = SimpleNamespace(images=np.load(images_file, mmap_mode="r"), labels=labels)
-    run, _ = trainer(backbone, "auto", data, device, batch)
+    run, _ = trainer(backbone, precision, data, device, batch)
     barrier.wait()
     t0 = time.time()
     run(n_batches, 1)
@@ -155,20 +157,33 @@ def packed_worker(images_file: str, labels: np.ndarray, backbone: str, batch: in
 def m_pack(a, data, device, n_trials: int) -> float:
     """Aggregate images/s of ``n_trials`` processes training side by side on ``device``."""
     import multiprocessing as mp
+    import queue
 
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         images_file = os.path.join(tmp, "images.npy")
         np.save(images_file, data.images)
         barrier, results = ctx.Barrier(n_trials), ctx.Queue()
-        procs = [ctx.Process(target=packed_worker, args=(images_file, data.labels, a.pack_backbone, a.batch_size,
-                                                         a.batches, 1 / n_trials, str(device), barrier, results))
+        procs = [ctx.Process(target=packed_worker, args=(images_file, data.labels, a.pack_backbone, a.precision,
+                                                         a.batch_size, a.batches, 1 / n_trials, str(device), barrier, results))
                  for _ in range(n_trials)]
         for p in procs:
             p.start()
-        done = [results.get(timeout=900) for _ in procs]
-        for p in procs:
-            p.join()
+        done = []
+        try:
+            while len(done) < n_trials:
+                try:
+                    done.append(results.get(timeout=5))
+                except queue.Empty:
+                    failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if failed:  # its traceback is on stderr above; the others would wait at the barrier forever
+                        raise UserError(f"a packed trial process ({n_trials} on the GPU) exited with code "
+                                        f"{failed[0]}; see its error above (out of memory: try --batch-size 64)")
+        finally:
+            for p in procs:
+                if p.is_alive() and len(done) < n_trials:
+                    p.terminate()
+                p.join()
     seen = sum(d[0] for d in done)
     return seen / (max(d[2] for d in done) - min(d[1] for d in done))
 
@@ -183,14 +198,14 @@ def m_parity(a, data, device, backbone: str) -> dict:
     n_val = len(order) // 5
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     out = {}
-    for precision in ("fp32", "auto"):
+    for precision, key in (("fp32", "fp32"), (a.precision, "auto")):
         cfg = resolve_config({**PARITY, "backbone": backbone, "precision": precision, "epochs": a.parity_epochs})
         t0 = time.perf_counter()
         model, history = fit(cfg, data, train_idx, device=device)
         probs = predict_views(model, data.images, cfg, val_idx, views=tuple(range(8)),
                               path=fast_path(cfg, device, training=False))
         auc, se = auc_with_se(data.labels[val_idx], probs)
-        out[precision] = {"auc": auc, "se": se, "seconds": time.perf_counter() - t0, "path": history[-1]["fast_path"],
+        out[key] = {"auc": auc, "se": se, "seconds": time.perf_counter() - t0, "path": history[-1]["fast_path"],
                           "status": history[-1]["trial_status"]}
     return out
 
@@ -232,6 +247,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-epochs", type=int, default=3)
     p.add_argument("--pack", default="1,2,4", help="trials packed on the GPU at once")
     p.add_argument("--pack-backbone", default="resnet18")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16"), default="auto",
+                   help="what is compared with fp32 (default auto: this GPU's choice, docs/training.md)")
     p.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -251,21 +268,22 @@ def run(argv=None) -> None:
     data = load_patches(a.data_dir, a.images)
     backbones = [b for b in a.backbones.split(",") if b]
     print(header(device, data, a), flush=True)
-    print("\n| backbone | train img/s fp32 | train img/s auto | auto is | speed-up | TTA infer img/s fp32 "
-          "| TTA infer img/s auto | speed-up |\n|---|---|---|---|---|---|---|---|", flush=True)
+    q = a.precision
+    print(f"\n| backbone | train img/s fp32 | train img/s {q} | {q} is | speed-up | TTA infer img/s fp32 "
+          f"| TTA infer img/s {q} | speed-up |\n|---|---|---|---|---|---|---|---|", flush=True)
     for b in backbones:
         s, i = m_step(a, data, device, b), m_infer(a, data, device, b)
         print(f"| {b} | {spread(s['fp32'])} | {spread(s['auto'])} | {s['path']} | {ratio(s['auto'], s['fp32'])} "
               f"| {spread(i['fp32'])} | {spread(i['auto'])} | {ratio(i['auto'], i['fp32'])} |", flush=True)
     packs = [int(n) for n in a.pack.split(",") if n]
-    print(f"\n| {a.pack_backbone} trials on one GPU (auto, each capped at 1/N of its memory) | aggregate train img/s "
+    print(f"\n| {a.pack_backbone} trials on one GPU ({q}, each capped at 1/N of its memory) | aggregate train img/s "
           f"| vs 1 |\n|---|---|---|", flush=True)
     agg = {}
     for n in packs:
         agg[n] = [m_pack(a, data, device, n) for _ in range(a.repeats)]
         print(f"| {n} | {spread(agg[n])} | {ratio(agg[n], agg[packs[0]])} |", flush=True)
     print(f"\n| parity ({a.parity_epochs} epochs, seed 0, {len(data.labels) // 5:,} held-out real patches, 8-view TTA) "
-          f"| val AUC fp32 | val AUC auto | auto - fp32 |\n|---|---|---|---|", flush=True)
+          f"| val AUC fp32 | val AUC {q} | {q} - fp32 |\n|---|---|---|---|", flush=True)
     for b in [b for b in a.parity_backbones.split(",") if b]:
         r = m_parity(a, data, device, b)
         f, t = r["fp32"], r["auto"]
