@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import sys
 import threading
 from typing import Iterator, Sequence
 
@@ -59,9 +60,11 @@ def pick_device(request: str = "auto", assigned_gpus: Sequence | None = None) ->
     if assigned_gpus is not None and request == "auto":
         if not assigned_gpus:
             return torch.device("cpu")
-        if not cuda_device_count():
-            raise UserError(f"Ray assigned GPU(s) {list(assigned_gpus)} to this trial but torch sees no CUDA device "
-                            f"here; install a CUDA build of torch on that node, or search with --gpus-per-trial 0")
+        if not cuda_device_count():  # a node declaring GPUs torch cannot use (or logical GPUs, as in the tests)
+            print(f"warning: Ray assigned GPU(s) {list(assigned_gpus)} to this trial but torch sees no CUDA device "
+                  f"here: training on the CPU (install a CUDA build of torch on that node, or search with "
+                  f"--gpus-per-trial 0)", file=sys.stderr, flush=True)
+            return torch.device("cpu")
         return torch.device("cuda", _visible_index(str(assigned_gpus[0])))
     if request == "auto":
         if cuda_device_count():
