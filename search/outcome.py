@@ -44,9 +44,11 @@ STOP_MARK = "stopped_by_scheduler"  # set in the result at which ASHA decided ST
 _OPTUNA = {"completed": "COMPLETE", "stopped": "PRUNED", "budget": "PRUNED", "cut": "PRUNED",
            "diverged": "FAIL", "errored": "FAIL", "silent": "FAIL", "gpu_memory": "FAIL"}
 # trainables.device.OutOfGPUMemory's message starts with this (and names backbone, batch size); torch's own
-# error (raised outside fit) is torch.OutOfMemoryError / torch.cuda.OutOfMemoryError.
+# error (raised outside fit) is torch.OutOfMemoryError / torch.cuda.OutOfMemoryError. Not a bare
+# "OutOfMemoryError": Ray's ray.exceptions.OutOfMemoryError is its memory monitor killing a worker when the node
+# runs low on host RAM, whose cure is not a larger --gpus-per-trial.
 GPU_MEMORY = "out of GPU memory"
-_GPU_MEMORY_ERROR = re.compile(r"out of GPU memory( \([^)]*\))?|OutOfMemoryError|CUDA out of memory")
+_GPU_MEMORY_ERROR = re.compile(r"out of GPU memory( \([^)]*\))?|torch\.(cuda\.)?OutOfMemoryError|CUDA out of memory")
 _MLFLOW = {"completed": "FINISHED", "stopped": "FINISHED", "cut": "FINISHED", "budget": "KILLED",
            "interrupted": "KILLED", "unstarted": "KILLED"}
 

@@ -96,3 +96,17 @@ def test_torchs_own_out_of_memory_error_is_the_same_kind():
                                                                          "FAILED")
     assert decide({"epoch": 2}, 5, error="ValueError: boom").kind == "errored"
     assert what_to_change([decide(None, 5, error="ValueError: boom")]) == ""
+
+
+def test_rays_host_memory_kill_is_not_out_of_gpu_memory():
+    """Ray's own OutOfMemoryError is its memory monitor killing a worker for host RAM: an error, with no advice
+    to change --gpus-per-trial."""
+    from ray.exceptions import OutOfMemoryError
+
+    host = "Task was killed due to the node running low on memory."
+    for error in (f"Traceback ...\nray.exceptions.OutOfMemoryError: {host}", OutOfMemoryError(host),
+                  OutOfMemoryError(f"{host}\nMemory on the node was 7.6GB / 7.7GB (0.98)")):
+        out = decide({"epoch": 1}, 5, error=error)
+        assert out.kind == "errored" and not out.label.startswith("out of GPU memory"), out
+        assert what_to_change([out]) == ""
+    assert decide(None, 5, error="torch.cuda.OutOfMemoryError: Tried to allocate 2.00 GiB").kind == "gpu_memory"
