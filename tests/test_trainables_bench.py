@@ -105,3 +105,41 @@ def test_gpu_bench_runs_its_sections_on_the_cpu_without_the_rest_installed(tmp_p
     assert any(re.match(r"\| 2 \| [\d,]+ \| [\d.]+x \|", ln) for ln in lines)
     assert any(re.match(r"\| baseline_bn \(\w+ channels_last\) \| 0\.\d{4} ± 0\.\d{4} \|", ln)
                or "| 1.0000 ± 0.0000 |" in ln for ln in lines)
+
+
+def test_gpu_bench_claims_its_gpu_as_a_trial_does(monkeypatch):
+    """The step and inference figures run with the product's GPU settings (cudnn.benchmark on), not torch's
+    defaults. CUDA's presence is faked; the bench stops where it would read the patches."""
+    import torch
+
+    from trainables import bench_gpu
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+    monkeypatch.setattr("trainables.device.cuda_device_count", lambda: 1)
+    monkeypatch.setattr(bench_gpu, "load_patches", stop)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with pytest.raises(Stop):
+        bench_gpu.run(["--only", "gpu"])
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_a_packed_trial_counts_the_images_it_trained(tmp_path):
+    """40 patches, asked for 5 batches of 16: the trial trains 40 images (2 batches and a runt of 8), and that is
+    what its aggregate throughput counts, not 5 x 16."""
+    import queue
+    import threading
+
+    from trainables.bench_gpu import packed_worker
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "images.npy", rng.integers(0, 255, (40, 96, 96, 3), dtype=np.uint8))
+    labels = (np.arange(40) % 2).astype(np.int8)
+    results = queue.Queue()
+    packed_worker(str(tmp_path / "images.npy"), labels, "baseline", "fp32", 16, 5, 1.0, "cpu", threading.Barrier(1),
+                  results)
+    seen, t0, t1 = results.get_nowait()
+    assert seen == 40 and t1 >= t0

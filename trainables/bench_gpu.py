@@ -95,13 +95,14 @@ def trainer(backbone: str, precision: str, data, device: torch.device, batch: in
     opt, sched = make_optimizer(model, cfg, steps_per_epoch=10_000)
     scaler = path.grad_scaler()
 
-    def run(n_batches: int, epoch: int) -> float:
+    def run(n_batches: int, epoch: int) -> tuple[int, float]:
+        """(images trained, seconds): fewer than n_batches * batch when the data is shorter (or ends in a runt)."""
         idx = np.arange(min(len(data.labels), n_batches * batch))
         sync(device)
         t0 = time.perf_counter()
         _, seen = train_one_epoch(model, opt, sched, crit, data, idx, cfg, device, epoch, path, scaler=scaler)
         sync(device)
-        return seen / (time.perf_counter() - t0)
+        return seen, time.perf_counter() - t0
     run(3, 0)  # cuDNN's benchmark picks kernels on the first batches: keep that out of the timing
     return run, path
 
@@ -113,7 +114,8 @@ def m_step(a, data, device, backbone: str) -> dict:
     runs = {p: [] for p in out}
     for r in range(a.repeats):
         for p, (run, _) in out.items():
-            runs[p].append(run(a.batches, r + 1))
+            seen, seconds = run(a.batches, r + 1)
+            runs[p].append(seen / seconds)
     return {"fp32": runs["fp32"], "auto": runs[a.precision], "path": out[a.precision][1].name}
 
 
@@ -150,8 +152,8 @@ def packed_worker(images_file: str, labels: np.ndarray, backbone: str, precision
     run, _ = trainer(backbone, precision, data, device, batch)
     barrier.wait()
     t0 = time.time()
-    run(n_batches, 1)
-    results.put((n_batches * batch, t0, time.time()))
+    seen, _ = run(n_batches, 1)
+    results.put((seen, t0, time.time()))
 
 
 def m_pack(a, data, device, n_trials: int) -> float:
@@ -254,7 +256,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def run(argv=None) -> None:
-    from trainables.device import cuda_device_count
+    from trainables.device import claim_device, cuda_device_count
 
     a = get_args_parser().parse_args(argv)
     if not a.cpu_dry_run and not cuda_device_count():
@@ -263,7 +265,8 @@ def run(argv=None) -> None:
                         f"trainables.bench` for the CPU figures")
     if min(a.repeats, a.batch_size, a.batches, a.images, a.infer_images, a.parity_epochs) < 1:
         raise UserError("--repeats, --batch-size, --batches, --images, --infer-images, --parity-epochs: at least 1")
-    device = torch.device("cpu") if a.cpu_dry_run else torch.device("cuda", 0)
+    # Claimed as a trial's device is (cudnn.benchmark on): the step and inference figures are the product's.
+    device = torch.device("cpu") if a.cpu_dry_run else claim_device(torch.device("cuda", 0))
     a.data_dir = Path(a.data_dir) if a.data_dir else SHARED_SAMPLE
     data = load_patches(a.data_dir, a.images)
     backbones = [b for b in a.backbones.split(",") if b]
