@@ -8,9 +8,11 @@ The rule (docs/training.md):
   every CPU trial of a GPU host on GPU 0, outside Ray's accounting. A trial with no GPU ids runs on the CPU; a
   trial with GPU ids runs on the first of them (its index among the visible devices: Ray sets
   CUDA_VISIBLE_DEVICES to the assigned ids, unless told not to, and then the id is the index).
-- A trial given a fraction G < 1 of a GPU caps its process at G of that GPU's memory
-  (``torch.cuda.set_per_process_memory_fraction``): two half-GPU trials cannot take the whole card between
-  them; the one that needs more than its share gets a CUDA out-of-memory error, which ends it as
+- A trial given a fraction G < 1 of a GPU caps what torch's caching allocator may reserve in its process at G of
+  that GPU's memory (``torch.cuda.set_per_process_memory_fraction``): one half-GPU trial cannot take the other's
+  half. The CUDA context and libraries (some hundreds of MB a process) are outside the cap, so shares filled to
+  the brim can still exhaust the card. The trial that needs more than its share (or than is left) gets a CUDA
+  out-of-memory error, which ends it as
   "out of GPU memory (backbone, batch size)" (``OutOfGPUMemory``; search.outcome).
 - Outside Ray the same rule with ``--device auto|cpu|cuda|cuda:N`` (auto: CUDA when there is a device, else Apple
   MPS, else the CPU).
