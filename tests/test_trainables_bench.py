@@ -143,3 +143,15 @@ def test_a_packed_trial_counts_the_images_it_trained(tmp_path):
                   results)
     seen, t0, t1 = results.get_nowait()
     assert seen == 40 and t1 >= t0
+
+
+def test_a_parity_run_that_diverged_shows_no_auc():
+    from trainables.bench_gpu import parity_row
+
+    ok = {"auc": 0.91234, "se": 0.0123, "path": "fp32 NCHW", "status": "completed"}
+    fp16 = {"auc": 0.5, "se": 0.03, "path": "fp16 channels_last", "status": "completed"}
+    assert parity_row("resnet18", {"fp32": ok, "auto": fp16}) == \
+        "| resnet18 (fp16 channels_last) | 0.9123 ± 0.0123 | 0.5000 ± 0.0300 | -0.4123 |"
+    diverged = {**fp16, "auc": float("nan"), "status": "diverged"}
+    assert parity_row("resnet18", {"fp32": ok, "auto": diverged}) == \
+        "| resnet18 (fp16 channels_last) | 0.9123 ± 0.0123 | diverged, no AUC | n/a |"

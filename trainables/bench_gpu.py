@@ -214,6 +214,17 @@ def m_parity(a, data, device, backbone: str) -> dict:
 
 # --- the report ----------------------------------------------------------------------------------
 
+def parity_row(backbone: str, r: dict) -> str:
+    """A parity table row; a run that did not complete (diverged) has no AUC to show, only its status."""
+    f, t = r["fp32"], r["auto"]
+    ok = f["status"] == t["status"] == "completed"
+
+    def auc(x: dict) -> str:
+        return f"{x['auc']:.4f} ± {x['se']:.4f}" if x["status"] == "completed" else f"{x['status']}, no AUC"
+    return (f"| {backbone} ({t['path']}) | {auc(f)} | {auc(t)} | "
+            + (f"{t['auc'] - f['auc']:+.4f}" if ok else "n/a") + " |")
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:,.0f}"
@@ -288,7 +299,4 @@ def run(argv=None) -> None:
     print(f"\n| parity ({a.parity_epochs} epochs, seed 0, {len(data.labels) // 5:,} held-out real patches, 8-view TTA) "
           f"| val AUC fp32 | val AUC {q} | {q} - fp32 |\n|---|---|---|---|", flush=True)
     for b in [b for b in a.parity_backbones.split(",") if b]:
-        r = m_parity(a, data, device, b)
-        f, t = r["fp32"], r["auto"]
-        print(f"| {b} ({t['path']}) | {f['auc']:.4f} ± {f['se']:.4f} | {t['auc']:.4f} ± {t['se']:.4f} "
-              f"| {t['auc'] - f['auc']:+.4f} |", flush=True)
+        print(parity_row(b, m_parity(a, data, device, b)), flush=True)
