@@ -10,7 +10,8 @@ The rule for ``auto`` (measured with ``python -m trainables.bench --only layouts
   where bf16 is native (>= 8.0: A100, H100, RTX 30xx/40xx); fp16 autocast with a gradient scaler where fp16 is
   fast (6.0 = P100, and >= 7.0 = V100, T4, RTX 20xx: tensor cores); fp32 elsewhere (Maxwell and the consumer
   Pascal cards 6.1/6.2 run fp16 at a fraction of fp32's rate). channels_last in every case. torch's
-  ``is_bf16_supported()`` counts emulation by default: it said yes on a T4, which has no bf16 units.
+  ``is_bf16_supported()`` counts emulation by default (below 8.0 it only checks that a bf16 tensor can be
+  created): it says yes on a T4, which has no bf16 units.
 - CPU with *native* bf16 matrix instructions (x86 AMX-BF16 or AVX512-BF16, Arm BF16), detected from the
   CPU's feature flags, never assumed: bf16 autocast, except for training the depthwise-separable nets
   (mobilenet_v2, mobilenet_v3_large, efficientnet_b0). Their depthwise convolutions are memory-bound and
