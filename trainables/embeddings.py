@@ -72,8 +72,12 @@ def frozen_backbone(cfg: dict):
 
 def weights_id(cfg: dict) -> str:
     """What identifies the backbone's weights: the file's sha256 (hub) or hash-suffixed name (torchvision)."""
-    if not cfg["pretrained"]:
-        return f"random{RANDOM_INIT_SEED}"
+    if not cfg["pretrained"]:  # random weights: what they are, not how they were drawn (timm/torch versions vary)
+        import hashlib
+        h = hashlib.sha256()
+        for k, v in frozen_backbone(cfg).state_dict().items():
+            h.update(k.encode() + v.detach().float().numpy().tobytes())
+        return f"random-{h.hexdigest()[:12]}"
     from trainables import hub, weights
     w = weights.resolve_weights(cfg["backbone"])
     return hub.weights_id(Path(w))[:16] if hub.is_hub_name(cfg["backbone"]) else weights.cached_path(w).stem
@@ -129,15 +133,16 @@ def compute(cache, cfg: dict, folder: Path, progress: bool = True, batch_size: i
     t0 = time.perf_counter()
     feats = None
     steps = range(0, n, bs)
-    if progress:
+    tty = progress and sys.stderr.isatty()
+    if tty:
         from tqdm import tqdm
-        steps = tqdm(steps, desc=f"embeddings {cfg['backbone']}", unit="batch", file=sys.stderr,
-                     disable=not sys.stderr.isatty())
+        steps = tqdm(steps, desc=f"embeddings {cfg['backbone']}", unit="batch", file=sys.stderr)
+    if progress:
         print(f"computing {cfg['backbone']} features of {n:,} patches x {VIEWS} views ({path.name}) -> {folder}",
               flush=True)
     with torch.inference_mode():
         for s in steps:
-            x = torch.from_numpy(np.ascontiguousarray(cache.images[s:s + bs])).to(device)
+            x = torch.from_numpy(np.array(cache.images[s:s + bs])).to(device)
             x = path.prepare_input(to_input(x, cfg, aug=False, dtype=path.input_dtype, channels_last=path.channels_last))
             f = _embed_batch(model, x, path).cpu().numpy().astype(np.float16)
             if not np.isfinite(f).all():
@@ -147,6 +152,9 @@ def compute(cache, cfg: dict, folder: Path, progress: bool = True, batch_size: i
             if feats is None:
                 feats = np.memmap(tmp / FEATURES, dtype=np.float16, mode="w+", shape=(n, VIEWS, f.shape[-1]))
             feats[s:s + len(f)] = f
+            done = s + len(f)
+            if progress and not tty and (done * 10 // n) > (s * 10 // n):  # a plain line per tenth off a terminal
+                print(f"  {done:,}/{n:,} patches, {time.perf_counter() - t0:.0f}s", flush=True)
     dim = int(feats.shape[-1]) if feats is not None else 0
     if feats is not None:
         feats.flush()

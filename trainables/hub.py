@@ -158,23 +158,27 @@ def hub_error(m: HubModel, err: Exception) -> str:
         return (f"hub repository {m.repo_id} refused access ({status or 'gated'}; {token}): request access at "
                 f"{m.page} while logged in, then `export HF_TOKEN=hf_...` (a token of that account, "
                 f"https://huggingface.co/settings/tokens) and run again")
-    if isinstance(err, (errors.RepositoryNotFoundError, errors.EntryNotFoundError)) or status == 404:
+    if status == 404:
         return f"hub repository {m.repo_id} (for backbone {m.name}) or its weights file was not found at {endpoint()}"
     text = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
     return f"cannot download {m.repo_id} from {endpoint()} ({type(err).__name__}: {text}); {offline_hint(m)}"
 
 
 def _download(m: HubModel, filename: str) -> Path:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    # One HEAD without retries first: an offline machine or a refused token fails at once (hf_hub_download retries
+    # connection errors for ~25 s), and the hub's ETag of an LFS file is its sha256, checked below.
+    meta = get_hf_file_metadata(hf_hub_url(m.repo_id, filename, endpoint=endpoint()), timeout=30)
     path = Path(hf_hub_download(m.repo_id, filename, endpoint=endpoint(), etag_timeout=30))
-    blob = Path(os.path.realpath(path))
-    if _SHA256.match(blob.name):  # LFS files: the hub's ETag, and so the blob's name, is the content's sha256
-        digest = file_sha256(blob)
-        if digest != blob.name:
-            blob.unlink(missing_ok=True)
+    expected = (meta.etag or "").strip('"').lower()
+    if _SHA256.match(expected):
+        digest = file_sha256(path)
+        if digest != expected:
+            blob = Path(os.path.realpath(path))
             path.unlink(missing_ok=True)
+            blob.unlink(missing_ok=True)
             raise UserError(f"{filename} of {m.repo_id} downloaded from {endpoint()} has sha256 {digest[:12]}..., "
-                            f"the hub says {blob.name[:12]}...: removed; download it again")
+                            f"the hub says {expected[:12]}...: removed; download it again")
     return path
 
 
@@ -193,8 +197,8 @@ def download(m: HubModel) -> Path:
         for i, f in enumerate(WEIGHT_FILES):
             try:
                 return _download(m, f)
-            except (errors.EntryNotFoundError, errors.RemoteEntryNotFoundError):
-                if i == len(WEIGHT_FILES) - 1:
+            except errors.HfHubHTTPError as e:
+                if _status(e) != 404 or i == len(WEIGHT_FILES) - 1:  # a repository without this file: the next
                     raise
     except UserError:
         raise

@@ -64,25 +64,36 @@ def _pretrained_cfg(m: HubModel) -> dict:
     if path is None:
         return {}
     cfg = json.loads(path.read_text())
+    if not cfg.get("architecture"):  # e.g. owkin/phikon-v2: a transformers model (model_type, architectures)
+        raise UserError(f"{m.name}: {path} names no timm architecture (a transformers or other library's model); "
+                        f"only repositories timm can load (a config.json with \"architecture\") are supported")
     return {**cfg.get("pretrained_cfg", {}), "architecture": cfg.get("architecture")}
 
 
 def _create(m: HubModel, weights) -> nn.Module:
-    """timm.create_model with no classifier (the pooled embedding), from the local weights file or random."""
+    """timm.create_model from the local weights file (or random), then without its classifier (the pooled embedding).
+
+    The model is built with its pretrained classifier so timm loads the file strictly (with ``num_classes=0`` timm
+    drops the classifier's keys and loads non-strictly: a file of another model would pass), then
+    ``reset_classifier(0)``.
+    """
     import timm
     if m.timm_name is not None:
         kw = {"pretrained_cfg_overlay": {"file": str(weights)}} if weights is not None else {}
-        return timm.create_model(m.timm_name, pretrained=weights is not None, num_classes=0, **kw)
-    config = local_config(m)
-    if config is None:
-        raise UserError(f"{m.name}: its {CONFIG_FILE} (the architecture) is not on this machine; the search downloads "
-                        f"it before it starts, or download it from {m.page}/tree/main and "
-                        f"`python -m trainables.weights import model.safetensors --backbone {m.name} --config config.json`")
-    folder = (weights.parent if weights is not None else config.parent)
-    if weights is not None and not (folder / CONFIG_FILE).is_file():
-        raise UserError(f"{m.name}: {weights} has no {CONFIG_FILE} beside it; import both files again")
-    return timm.create_model(f"local-dir:{folder}", pretrained=weights is not None, num_classes=0,
-                             **_hub_kwargs(m.repo_id))
+        model = timm.create_model(m.timm_name, pretrained=weights is not None, **kw)
+    else:
+        config = local_config(m)
+        if config is None:
+            raise UserError(f"{m.name}: its {CONFIG_FILE} (the architecture) is not on this machine; the search "
+                            f"downloads it before it starts, or download it from {m.page}/tree/main and "
+                            f"`python -m trainables.weights import model.safetensors --backbone {m.name} "
+                            f"--config config.json`")
+        folder = weights.parent if weights is not None else config.parent
+        if weights is not None and not (folder / CONFIG_FILE).is_file():
+            raise UserError(f"{m.name}: {weights} has no {CONFIG_FILE} beside it; import both files again")
+        model = timm.create_model(f"local-dir:{folder}", pretrained=weights is not None, **_hub_kwargs(m.repo_id))
+    model.reset_classifier(0)
+    return model
 
 
 def _stages(net: TimmNet) -> list[list[nn.Module]]:
