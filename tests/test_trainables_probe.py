@@ -2,6 +2,7 @@
 them equal to one trained on freshly computed features, and the network that serves the head (backbone + head)."""
 from __future__ import annotations
 
+import copy
 import shutil
 
 import numpy as np
@@ -95,7 +96,7 @@ def test_second_trial_computes_no_embedding_and_matches_fresh_features(offline_m
 def test_a_resumed_probe_trial_continues_where_it_stopped(offline_mobilenet, small_cache):
     cache, tr, va = small_cache
     states = []
-    _, full = fit({**PROBE, "epochs": 3}, cache, tr, va, on_epoch=lambda m, s, p: states.append(s))
+    _, full = fit({**PROBE, "epochs": 3}, cache, tr, va, on_epoch=lambda m, s, p: states.append(copy.deepcopy(s)))  # as saved to disk
     assert set(states[0]) >= {"head", "optimizer", "scheduler", "epoch", "history"} and "model" not in states[0]
     _, resumed = fit({**PROBE, "epochs": 3}, cache, tr, va, resume=states[0])
     assert [h["val_auc"] for h in resumed] == pytest.approx([h["val_auc"] for h in full], abs=1e-6)

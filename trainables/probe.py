@@ -67,14 +67,27 @@ def _scores(head, feats: torch.Tensor, labels: np.ndarray) -> dict:
             "val_acc": float(((probs >= 0.5) == (y == 1)).mean()), "labels": y, "probs": probs}
 
 
+_last_features: dict = {}  # the previous trial's training matrix: Ray reuses a probe search's worker processes
+
+
+def _training_features(emb, rows: np.ndarray, views: list[int]) -> torch.Tensor:
+    """(rows x views, D) float32: each view of each training patch one example (read-only; kept for the next trial
+    of this process, which usually trains on the same split)."""
+    key = (str(emb.path), hash(rows.tobytes()), tuple(views))
+    if key not in _last_features:
+        _last_features.clear()
+        x = np.asarray(emb.features[rows][:, views], dtype=np.float32).reshape(-1, emb.dim)
+        _last_features[key] = torch.from_numpy(x)
+    return _last_features[key]
+
+
 def fit_on_features(cfg: dict, cache, train_idx: np.ndarray, val_idx, on_epoch, resume, stop_epoch, objective,
                     progress: bool = False):
     """``fit`` for a head on cached features (the arguments are fit's; ``objective`` = trainables.loop.best_of)."""
     emb = ensure_embeddings(cache, cfg, progress=progress)
     views = list(range(emb.features.shape[1])) if float(cfg["aug_strength"]) > 0 else [0]
-    x_train = torch.from_numpy(np.asarray(emb.features[np.sort(train_idx)][:, views], dtype=np.float32))
+    x_train = _training_features(emb, np.sort(train_idx), views)
     y_rows = cache.labels[np.sort(train_idx)].astype(np.float32)
-    x_train = x_train.reshape(-1, emb.dim)  # (rows x views, D): each view a training example
     y_train = torch.from_numpy(np.repeat(y_rows, len(views)))
     val_idx = None if val_idx is None or not len(val_idx) else np.asarray(val_idx)
     x_val = None if val_idx is None else torch.from_numpy(np.asarray(emb.features[val_idx, 0], dtype=np.float32))

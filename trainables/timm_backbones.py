@@ -97,26 +97,28 @@ def _create(m: HubModel, weights) -> nn.Module:
 
 
 def _stages(net: TimmNet) -> list[list[nn.Module]]:
-    """timm's coarse parameter groups as module lists: leaf modules whole (BatchNorm included, so a frozen one stays
-    in eval mode), loose parameters (a ViT's cls token, position embedding) in a ParameterList holding the same
-    Parameter objects (requires_grad_ on it reaches them)."""
+    """timm's coarse parameter groups as module lists: a parameter's owning module whole when all its parameters
+    are in the group (BatchNorm, timm's BatchNormAct2d: a frozen one then stays in eval mode), else the parameter
+    alone (a ViT's cls token, position embedding) in a ParameterList holding the same Parameter objects
+    (requires_grad_ on it reaches them)."""
     from timm.models import group_parameters
     model = net.features
     groups = group_parameters(model, model.group_matcher(coarse=True))
     modules = dict(model.named_modules())
     stages = []
     for _, names in sorted(groups.items()):
-        leaves, loose, seen = [], [], set()
+        wanted, whole, loose, seen = set(names), [], [], set()
         for pname in names:
             owner, _, attr = pname.rpartition(".")
+            if owner in seen:
+                continue
             mod = modules[owner]
-            if next(mod.children(), None) is None:
-                if owner not in seen:
-                    seen.add(owner)
-                    leaves.append(mod)
+            if owner and {f"{owner}.{n}" for n, _ in mod.named_parameters()} <= wanted:
+                seen.add(owner)
+                whole.append(mod)
             else:
                 loose.append(getattr(mod, attr))
-        stages.append(leaves + ([nn.ParameterList(loose)] if loose else []))
+        stages.append(whole + ([nn.ParameterList(loose)] if loose else []))
     return [s for s in stages if s]
 
 
