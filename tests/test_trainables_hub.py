@@ -183,3 +183,18 @@ def test_import_a_local_safetensors_file_and_refuse_a_mismatched_one(isolated_hu
     assert hub.local_weights(m).read_bytes() == good.read_bytes()  # the good import stays
     assert weights.main(["import", str(wrong), "--backbone", TIMM_NAME]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_repository_timm_cannot_load_is_refused_in_one_line(isolated_hub):
+    """Phikon-v2 is a transformers model: its config.json names no timm architecture."""
+    import json
+
+    cfg = isolated_hub / "config.json"
+    cfg.write_text(json.dumps({"architectures": ["Dinov2Model"], "model_type": "dinov2"}))
+    good = _state_file(isolated_hub, "test_vit")
+    with pytest.raises(UserError) as e:
+        weights.import_weights(good, "hf-hub:owkin/phikon-v2", config=cfg)
+    assert "\n" not in str(e.value) and "architecture" in str(e.value)
+    with pytest.raises(UserError) as e:
+        weights.import_weights(good, "hf-hub:owkin/phikon-v2")
+    assert "--config config.json" in str(e.value) and "\n" not in str(e.value)
