@@ -163,7 +163,10 @@ def compute(cache, cfg: dict, folder: Path, progress: bool = True, batch_size: i
             "pretrained": bool(cfg["pretrained"]), "weights": weights_id(cfg), "precision": path.name,
             "data_fingerprint": cache.fingerprint, "seconds": round(time.perf_counter() - t0, 1)}
     (tmp / META).write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
+    if folder.exists():  # written meanwhile by a process that did not take the lock: keep that one
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, folder)
     _computed += 1
     if progress:
         print(f"{cfg['backbone']} features: {n:,} x {VIEWS} x {dim} in {meta['seconds']:.0f}s", flush=True)

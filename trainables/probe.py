@@ -45,9 +45,10 @@ def _dim(head_state: dict) -> int:
 
 
 def _in_tune_session() -> bool:
+    """trainables.trainable.in_tune_session's test (that module imports this one through trainables.loop)."""
+    import warnings
     try:
         from ray import tune
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return tune.get_context().get_trial_id() is not None
