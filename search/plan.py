@@ -169,6 +169,11 @@ def check_weights(space, backbones, opts) -> None:
     missing = download_missing(needed, progress=True)
     if not missing:
         return
+    from trainables.hub import is_hub_name
+
+    hub_failed = [m for m in missing if is_hub_name(m[0])]
+    if hub_failed:  # its own line names the repository and the way out (HF_TOKEN, or importing a file)
+        raise UserError(str(hub_failed[0][3]))
     files = "; ".join(f"{b}: {f} (expected at {p})" for b, f, p, _ in missing)
     have = [b for b in backbones if b not in {m[0] for m in missing}]
     raise UserError(

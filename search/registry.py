@@ -48,4 +48,4 @@ def pinned_requirements() -> list[str]:
     """The model's pip requirements, given so MLflow skips its slow (~20 s) inference subprocess."""
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in ("torch", "torchvision", "numpy", "numba", "mlflow")]
+    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in ("torch", "torchvision", "timm", "numpy", "numba", "mlflow")]

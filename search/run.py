@@ -106,6 +106,12 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
     cache = prepare_dataset(plan.args.data_dir, plan.args.cache_dir, progress=progress,  # DataError: one line
                             slide_map=plan.args.slide_map)
     data_dir = str(Path(plan.args.data_dir).resolve()) if plan.args.data_dir else None
+    if plan.space.cached_features:  # the frozen backbones' features, once, before any trial (trainables.embeddings)
+        from trainables.embeddings import ensure_embeddings
+
+        for b in plan.backbones:
+            ensure_embeddings(cache, {"backbone": b, "pretrained": plan.opts.pretrained, "unfreeze_depth": 0,
+                                      "precision": plan.opts.precision}, progress=progress)
     validation = validation_kind(cache)
     if validation == "patch":
         print(PATCH_WARNING, file=sys.stderr, flush=True)

@@ -46,6 +46,8 @@ class Space:
     reduction_factor: int = 2
     constants: dict = field(default_factory=dict)
     searches_backbone: bool = True  # honours --backbones
+    # Trials train a head on the embedding cache (trainables.embeddings): the driver computes it before Ray starts.
+    cached_features: bool = False
 
 
 def _models():
@@ -102,6 +104,18 @@ def define_finetune(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> di
     return {"backbone": backbone, "pretrained": True, **_suggest_unfreeze(trial, backbone, opts)}
 
 
+def define_probe(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
+    """A head on the frozen backbone's cached features (unfreeze_depth 0): linear, or an MLP of a searched width."""
+    trial.suggest_categorical("backbone", list(backbones))
+    mlp = trial.suggest_categorical("head", ["linear", "mlp"]) == "mlp"
+    if mlp:
+        trial.suggest_int("head_hidden", 64, 512, log=True)
+    trial.suggest_float("dropout", 0.0, 0.5)
+    trial.suggest_float("lr", 1e-4, 3e-2, log=True)
+    trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True)
+    return {"pretrained": opts.pretrained, "unfreeze_depth": 0, **({} if mlp else {"head_hidden": None})}
+
+
 def define_demo(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
     _common(trial, (1e-4, 1e-2))
     return {"backbone": backbones[0], "pretrained": False, "unfreeze_depth": None}
@@ -126,6 +140,12 @@ SPACES: dict[str, Space] = {
         Space("finetune", "one pretrained backbone (--backbone): unfreeze depth, lr, weight decay, augmentation",
               define_finetune, ("lr", "weight_decay", "aug_strength", "unfreeze_depth"), num_samples=16, max_epochs=6,
               grace_period=1, reduction_factor=3),
+        # Seconds a trial once the features are cached: hundreds of trials, ASHA over head epochs (rungs 1, 3, 9).
+        Space("probe", "linear/MLP head on frozen features (embedding cache; default --backbones mobilenet_v2; "
+              "timm/... and hf-hub:... too): head, hidden width, dropout, lr, weight decay", define_probe,
+              ("backbone", "head", "head_hidden", "dropout", "lr", "weight_decay"), num_samples=400, max_epochs=12,
+              grace_period=1, reduction_factor=3, constants={"batch_size": 256, "aug_strength": 1.0},
+              cached_features=True),
         # `make demo` on 2 CPU cores in minutes. Batches of 16: on 512 patches an epoch is 32 steps, enough for
         # the first epoch's AUC to tell learning rates apart (batches of 64 give 8 steps: noise), so ASHA's cut
         # after epoch 1 (keep the top third) means something; 12 trials give TPE 9 after its 3 random ones.
@@ -151,13 +171,27 @@ def list_spaces() -> str:
     return "\n".join(f"{s.name:<{width}}  {s.description}" for s in SPACES.values())
 
 
+DEFAULT_PROBE = "mobilenet_v2"  # the backbone whose ImageNet weights install offline (make install)
+
+
+def _is_hub_name(name: str) -> bool:
+    from trainables.hub import is_hub_name
+
+    return is_hub_name(name)
+
+
 def resolve_backbones(space: Space, opts: SpaceOptions) -> tuple[str, ...]:
-    """The backbones a space will actually search, after --backbones / --backbone; checks every name."""
+    """The backbones a space will actually search, after --backbones / --backbone; checks every name
+    (timm/<model> and hf-hub:<org>/<repo> names wherever pretrained backbones are allowed)."""
     known = list(_models().MODELS)
     pretrainable = pretrainable_backbones()
+    baseline_list = baseline_backbones()
 
     def check(names, allowed, option):
         for n in names:
+            if allowed is not baseline_list and _is_hub_name(n):
+                _models().get_backbone(n)  # an unknown timm model is one line now, not in a trial
+                continue
             if n not in allowed:
                 raise UserError(f"unknown backbone {n!r} in {option} for --space {space.name}; "
                                 f"choose from: {', '.join(allowed)}")
@@ -177,12 +211,14 @@ def resolve_backbones(space: Space, opts: SpaceOptions) -> tuple[str, ...]:
             raise UserError(f"--space {space.name} always uses {DEFAULT_BASELINE}; "
                             "use --space backbones --backbones ... instead")
         return (DEFAULT_BASELINE,)
-    allowed = baseline_backbones() if space.name == "baseline" else known
+    allowed = baseline_list if space.name == "baseline" else pretrainable if space.cached_features else known
     if opts.backbones:
         check(opts.backbones, allowed, "--backbones")
         return tuple(dict.fromkeys(opts.backbones))  # keep order, drop repeats
     if space.name == "baseline":
         return tuple(allowed)
+    if space.cached_features:
+        return (DEFAULT_PROBE,)
     return (DEFAULT_BASELINE, *pretrainable)
 
 
@@ -191,7 +227,7 @@ def pretrained_backbones_used(space: Space, backbones: tuple[str, ...], opts: Sp
     if not opts.pretrained or space.name in ("baseline", "smoke", "demo"):
         return []
     pretrainable = set(pretrainable_backbones())
-    return [b for b in backbones if b in pretrainable]
+    return [b for b in backbones if b in pretrainable or _is_hub_name(b)]
 
 
 def define_by_run(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> Callable[[Any], dict]:

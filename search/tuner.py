@@ -75,7 +75,9 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str):
         trainable,
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=MODE, search_alg=search_alg, scheduler=scheduler,
                                     num_samples=plan.num_samples, max_concurrent_trials=plan.max_concurrent,
-                                    time_budget_s=plan.time_budget_s),
+                                    time_budget_s=plan.time_budget_s,
+                                    # Probe trials last seconds: a fresh worker process (imports) would cost more.
+                                    reuse_actors=plan.space.cached_features),
         run_config=tune.RunConfig(
             name=plan.name, storage_path=plan.storage_path, callbacks=callbacks,
             # Keep the best epoch's checkpoint (the model the objective describes; Ray keeps the latest too).

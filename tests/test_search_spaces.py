@@ -85,7 +85,7 @@ def test_bad_backbone_options(space, opts, match):
 
 
 def test_unknown_space():
-    with pytest.raises(UserError, match="unknown --space 'big'.*backbones, baseline, finetune, demo, smoke"):
+    with pytest.raises(UserError, match="unknown --space 'big'.*backbones, baseline, finetune, probe, demo, smoke"):
         get_space("big")
 
 

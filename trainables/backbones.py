@@ -4,7 +4,8 @@ Each backbone declares how to build it, its explicit list of *stages* (input -> 
 ``unfreeze_depth`` counts) and its ImageNet weights. trainables.weights (finding weight files) and
 trainables.models (building a ``PcamNet``) both read it; it imports neither.
 
-Add a backbone by adding one ``Backbone`` entry to ``MODELS``.
+Add a backbone by adding one ``Backbone`` entry to ``MODELS``; ``timm/<model>`` and ``hf-hub:<org>/<repo>`` names
+are described on demand by trainables.timm_backbones.
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ Stages = list[list[nn.Module]]
 @dataclass(frozen=True)
 class Backbone:
     name: str
-    build: Callable[[object, float], nn.Module]   # (torchvision weights or None, dropout) -> net
+    build: Callable[[object, float], nn.Module]   # (torchvision weights / a hub weights file or None, dropout) -> net
     stages: Callable[[nn.Module], Stages]          # net -> trailing-order stage list
     head: Callable[[nn.Module], nn.Module]         # net -> the (always trainable) classifier
-    weights: str | None = None                     # torchvision weights enum entry, None = scratch
+    weights: str | None = None                     # torchvision weights enum entry / hub repo id, None = scratch
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
 
@@ -173,7 +174,11 @@ MODELS: dict[str, Backbone] = {b.name: b for b in [
 
 
 def get_backbone(name: str) -> Backbone:
-    try:
+    """A registered backbone, or any timm model (``timm/<model>``) or hub repository (``hf-hub:<org>/<repo>``)."""
+    if name in MODELS:
         return MODELS[name]
-    except KeyError:
-        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(MODELS)}") from None
+    from trainables import timm_backbones
+    if timm_backbones.is_hub_name(name):
+        return Backbone(name, **timm_backbones.describe(name))
+    raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(MODELS)}, timm/<timm model name> "
+                    f"or hf-hub:<org>/<repo> (docs/training.md)")

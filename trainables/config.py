@@ -30,6 +30,8 @@ DEFAULTS: dict = {
     "seed": 0,
     "max_train_samples": None,  # subsample the train split (fast searches)
     "precision": "auto",        # auto | fp32 | bf16 | fp16: see trainables.fastpath
+    "head": None,               # None = the backbone's own head; "linear" | "mlp": a probe head (trainables.heads)
+    "head_hidden": 256,         # the mlp head's hidden width
 }
 # Keys a caller may add besides DEFAULTS: where the data is when no cache_path is given.
 _DATA_KEYS = {"data_dir", "cache_dir"}
@@ -50,6 +52,8 @@ def resolve_config(config: dict | None) -> dict:
     if cfg["pos_weight"] not in (None, "auto") and not float(cfg["pos_weight"]) > 0:
         raise UserError(f"pos_weight must be None, 'auto' or a positive number, got {cfg['pos_weight']!r}")
     check_precision(cfg["precision"])
+    if cfg["head"] not in (None, "linear", "mlp"):
+        raise UserError(f"head must be None, 'linear' or 'mlp', got {cfg['head']!r}")
     return cfg
 
 

@@ -16,6 +16,7 @@ from trainables.engine import (Diverged, SmoothedBCE, batches_per_epoch, epoch_s
                                resolve_pos_weight, train_one_epoch)
 from trainables.fastpath import reuse_freed_memory
 from trainables.models import build_model
+from trainables.probe import fit_on_features, uses_cached_features
 
 
 def best_of(history: list[dict]) -> tuple[float, int]:
@@ -58,6 +59,8 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
     labels = cache.labels[train_idx]
     if (labels < 0).any():
         raise UserError("train_idx holds unlabelled rows (label -1); train only on labelled splits")
+    if uses_cached_features(cfg):  # head only on a frozen backbone: its features come from the embedding cache
+        return fit_on_features(cfg, cache, train_idx, val_idx, on_epoch, resume, stop_epoch, best_of, progress)
     device = claim_device(torch.device(device) if device is not None else pick_device())
     try:
         return _fit(cfg, cache, train_idx, val_idx, on_epoch, resume, progress, stop_epoch, device, labels)

@@ -62,7 +62,7 @@ def model_from_state(config: dict, state_dict: dict, device: torch.device | str 
     The state dict holds every weight: no need (or network) for ImageNet weights.
     """
     model = build_model(config["backbone"], pretrained=False, unfreeze_depth=config["unfreeze_depth"],
-                        dropout=config["dropout"])
+                        dropout=config["dropout"], head=config.get("head"), head_hidden=config.get("head_hidden"))
     model.load_state_dict(state_dict)
     return (model if device is None else model.to(device)).eval()
 
@@ -70,4 +70,7 @@ def model_from_state(config: dict, state_dict: dict, device: torch.device | str 
 def load_checkpoint_model(folder: str | os.PathLike) -> tuple[nn.Module, dict, int]:
     """(model in eval mode on the CPU, config, epoch) of a Tune checkpoint folder (what every trial saves)."""
     state = load_checkpoint(folder)
+    if "head" in state:  # a probe trial checkpoints its head only (trainables.probe)
+        from trainables.probe import model_with_head
+        return model_with_head(state["config"], state["head"]), state["config"], int(state["epoch"])
     return model_from_state(state["config"], state["model"]), state["config"], int(state["epoch"])

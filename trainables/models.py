@@ -19,6 +19,7 @@ from torch import nn
 
 from datasets.errors import UserError
 from trainables.backbones import MODELS, PCAM_MEAN, PCAM_STD, Backbone, Stages, get_backbone  # noqa: F401 (the public names)
+from trainables.heads import head_in_features, make_head, replace_head
 from trainables.weights import resolve_weights
 
 
@@ -47,10 +48,20 @@ class PcamNet(nn.Module):
         # rebuilt without (ImageNet) weights to load its state dict.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self._probe_head = None
         self.set_unfreeze_depth(unfreeze_depth)
+
+    def use_probe_head(self, head: nn.Module) -> None:
+        """Replace the backbone's classifier by ``head`` (trainables.heads), inside ``net``."""
+        replace_head(self.net, self.head(), head)
+        object.__setattr__(self, "_probe_head", head)  # a reference, not a second registered submodule
 
     def stages(self) -> Stages:
         return get_backbone(self.name).stages(self.net)
+
+    def head(self) -> nn.Module:
+        """The classifier module inside ``net`` (always trains): the backbone's own or a probe head."""
+        return get_backbone(self.name).head(self.net) if self._probe_head is None else self._probe_head
 
     def set_unfreeze_depth(self, depth: int | None) -> int:
         """Train the head + the last ``depth`` stages (None = all); returns the effective depth."""
@@ -99,8 +110,8 @@ def num_stages(name: str) -> int:
 
 
 def build_model(name: str, pretrained: bool = True, unfreeze_depth: int | None = None,
-                dropout: float = 0.3) -> PcamNet:
-    """Build ``name`` with a dropout + single-logit head.
+                dropout: float = 0.3, head: str | None = None, head_hidden: int | None = None) -> PcamNet:
+    """Build ``name`` with a dropout + single-logit head (``head`` "linear"/"mlp": a probe head, trainables.heads).
 
     ``pretrained`` loads ImageNet weights from the torch hub cache (see trainables.weights; a
     missing file is a one-line UserError saying where to put it); ignored for the baselines.
@@ -109,7 +120,10 @@ def build_model(name: str, pretrained: bool = True, unfreeze_depth: int | None =
     use_weights = pretrained and b.weights is not None
     weights = resolve_weights(name) if use_weights else None
     mean, std = input_normalization(name, use_weights)
-    return PcamNet(name, b.build(weights, float(dropout)), mean, std, unfreeze_depth)
+    model = PcamNet(name, b.build(weights, float(dropout)), mean, std, unfreeze_depth)
+    if head is not None:
+        model.use_probe_head(make_head(head, head_in_features(model.head()), float(dropout), head_hidden))
+    return model
 
 
 def count_trainable(model: nn.Module) -> int:

