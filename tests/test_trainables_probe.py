@@ -120,3 +120,16 @@ def test_timm_backbone_stages_count_blocks_from_the_top():
     frozen_bn = [m for m in cnn.net.features.conv_stem.modules()] + [cnn.net.features.bn1]
     cnn.train()
     assert not cnn.net.features.bn1.training and not any(p.requires_grad for m in frozen_bn for p in m.parameters())
+
+
+def test_the_input_size_keys_the_embedding_cache(offline_mobilenet, small_cache):
+    """Patches are resized to input_size before the network: features cached at 96 px must not serve 64 px."""
+    cache, _, _ = small_cache
+    at96 = embeddings.ensure_embeddings(cache, PROBE)
+    small = {**PROBE, "input_size": 64}
+    assert embeddings.features_dir(cache, small) != at96.path
+    before = embeddings.computed_count()
+    at64 = embeddings.ensure_embeddings(cache, small)
+    assert embeddings.computed_count() == before + 1 and at64.meta["input_size"] == 64
+    assert not np.allclose(np.asarray(at64.features[:4], np.float32), np.asarray(at96.features[:4], np.float32))
+

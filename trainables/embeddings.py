@@ -1,10 +1,11 @@
 """The embedding cache: a frozen backbone's features of every patch, computed once, memory-mapped by every trial.
 
 A trial that trains only a head (``unfreeze_depth`` 0, trainables.probe) needs the backbone's output for each
-patch, not the backbone. Those features are computed once per (data, backbone, weights, precision) and stored
+patch, not the backbone. Those features are computed once per (data, backbone, weights, input size, precision)
+(the config's ``input_size``: the patches are resized to it before the network, so it changes the features) and stored
 beside the decode-once data cache:
 
-    <cache root>/embeddings/<data cache folder>/<backbone>-<weights sha256[:16]>-<precision>/
+    <cache root>/embeddings/<data cache folder>/<backbone>-<weights sha256[:16]>-<input size>px-<precision>/
         features.f16   float16 (N, 8, D): row i = patch i of the data cache, one row per dihedral view
         meta.json      n, views, dim, backbone, weights id, data fingerprint, precision, seconds
 
@@ -87,7 +88,9 @@ def features_dir(cache, cfg: dict) -> Path:
     cfg = resolve_config(cfg)
     precision = fast_path(cfg, pick_device(), training=False).name.replace(" ", "_")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg["backbone"])
-    return Path(cache.path).parent / "embeddings" / Path(cache.path).name / f"{slug}-{weights_id(cfg)}-{precision}"
+    size = int(cfg["input_size"] or cache.images.shape[1])  # to_input resizes the patches to it: other features
+    return (Path(cache.path).parent / "embeddings" / Path(cache.path).name
+            / f"{slug}-{weights_id(cfg)}-{size}px-{precision}")
 
 
 def open_embeddings(folder: Path) -> Embeddings | None:
@@ -161,6 +164,7 @@ def compute(cache, cfg: dict, folder: Path, progress: bool = True, batch_size: i
         del feats
     meta = {"n": n, "views": VIEWS, "dim": dim, "dtype": "float16", "backbone": cfg["backbone"],
             "pretrained": bool(cfg["pretrained"]), "weights": weights_id(cfg), "precision": path.name,
+            "input_size": int(cfg["input_size"] or cache.images.shape[1]),
             "data_fingerprint": cache.fingerprint, "seconds": round(time.perf_counter() - t0, 1)}
     (tmp / META).write_text(json.dumps(meta, indent=1))
     if folder.exists():  # written meanwhile by a process that did not take the lock: keep that one
