@@ -133,3 +133,15 @@ def test_the_input_size_keys_the_embedding_cache(offline_mobilenet, small_cache)
     assert embeddings.computed_count() == before + 1 and at64.meta["input_size"] == 64
     assert not np.allclose(np.asarray(at64.features[:4], np.float32), np.asarray(at96.features[:4], np.float32))
 
+
+def test_an_incomplete_feature_folder_is_replaced_not_kept(offline_mobilenet, small_cache):
+    """A folder that is there but not a complete feature set (a truncated file) is recomputed and replaced."""
+    cache, _, _ = small_cache
+    cfg = {**PROBE, "input_size": 72}
+    folder = embeddings.features_dir(cache, cfg)
+    folder.mkdir(parents=True)
+    (folder / embeddings.META).write_text('{"n": %d, "views": 8, "dim": 1280}' % len(cache.images))
+    (folder / embeddings.FEATURES).write_bytes(b"\0" * 1000)  # far shorter than n x 8 x 1280 float16
+    emb = embeddings.ensure_embeddings(cache, cfg)
+    assert emb is not None and emb.features.shape == (len(cache.images), 8, 1280)
+    assert embeddings.open_embeddings(folder) is not None and np.abs(np.asarray(emb.features[0], np.float32)).sum() > 0

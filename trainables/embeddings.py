@@ -167,9 +167,10 @@ def compute(cache, cfg: dict, folder: Path, progress: bool = True, batch_size: i
             "input_size": int(cfg["input_size"] or cache.images.shape[1]),
             "data_fingerprint": cache.fingerprint, "seconds": round(time.perf_counter() - t0, 1)}
     (tmp / META).write_text(json.dumps(meta, indent=1))
-    if folder.exists():  # written meanwhile by a process that did not take the lock: keep that one
+    if open_embeddings(folder) is not None:  # written meanwhile by a process that did not take the lock: keep it
         shutil.rmtree(tmp)
-    else:
+    else:  # absent, or there but not a complete feature set (it would be kept forever and never open): replaced
+        shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     _computed += 1
     if progress:
