@@ -145,3 +145,13 @@ def test_an_incomplete_feature_folder_is_replaced_not_kept(offline_mobilenet, sm
     emb = embeddings.ensure_embeddings(cache, cfg)
     assert emb is not None and emb.features.shape == (len(cache.images), 8, 1280)
     assert embeddings.open_embeddings(folder) is not None and np.abs(np.asarray(emb.features[0], np.float32)).sum() > 0
+
+
+def test_a_cached_features_trial_says_its_augmentation_is_the_8_views(offline_mobilenet, small_cache, capsys):
+    """A depth-0 trial of the backbones space searches aug_strength: its log says what the cache makes of it."""
+    cache, tr, va = small_cache
+    fit({**PROBE, "head": None, "aug_strength": 0.3, "epochs": 1}, cache, tr, va)
+    line = capsys.readouterr().out
+    assert "cached features" in line and "the 8 dihedral views (aug_strength 0.3" in line and "do not apply" in line
+    fit({**PROBE, "aug_strength": 0.0, "epochs": 1}, cache, tr, va)
+    assert "none (aug_strength 0: view 0 only)" in capsys.readouterr().out

@@ -87,6 +87,11 @@ def fit_on_features(cfg: dict, cache, train_idx: np.ndarray, val_idx, on_epoch, 
     """``fit`` for a head on cached features (the arguments are fit's; ``objective`` = trainables.loop.best_of)."""
     emb = ensure_embeddings(cache, cfg, progress=progress)
     views = list(range(emb.features.shape[1])) if float(cfg["aug_strength"]) > 0 else [0]
+    # Said in the trial's log: the searched aug_strength only chooses 8 views or 1 here (docs/training.md).
+    print(f"{cfg['backbone']}: head {cfg['head'] or '(its own)'} on cached features ({emb.path.name}); augmentation: "
+          + (f"the {len(views)} dihedral views (aug_strength {float(cfg['aug_strength']):g}: colour, zoom and shift "
+             "do not apply to cached features)" if len(views) > 1 else "none (aug_strength 0: view 0 only)"),
+          flush=True)
     x_train = _training_features(emb, np.sort(train_idx), views)
     y_rows = cache.labels[np.sort(train_idx)].astype(np.float32)
     y_train = torch.from_numpy(np.repeat(y_rows, len(views)))
