@@ -155,3 +155,25 @@ def test_a_cached_features_trial_says_its_augmentation_is_the_8_views(offline_mo
     assert "cached features" in line and "the 8 dihedral views (aug_strength 0.3" in line and "do not apply" in line
     fit({**PROBE, "aug_strength": 0.0, "epochs": 1}, cache, tr, va)
     assert "none (aug_strength 0: view 0 only)" in capsys.readouterr().out
+
+
+def test_importing_other_torchvision_weights_gives_other_features(small_cache, tmp_path, monkeypatch):
+    """`trainables.weights import` puts any file that loads strictly under torchvision's name: the cache key must
+    change with the file, or the old weights' features would serve the new weights."""
+    from trainables import weights
+
+    try:
+        src = weights.offline_mobilenet_file()
+    except Exception as e:
+        pytest.skip(f"offline mobilenet_v2 weights not installed ({e})")
+    cache, _, _ = small_cache
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights.import_weights(src, "mobilenet_v2")
+    first = embeddings.features_dir(cache, PROBE)
+    assert embeddings.features_dir(cache, PROBE) == first  # stable while the file stays
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    state["features.0.0.weight"] = state["features.0.0.weight"] * 1.5  # other features; still loads strictly
+    other = tmp_path / "mine.pth"
+    torch.save(state, other)
+    weights.import_weights(other, "mobilenet_v2")
+    assert embeddings.features_dir(cache, PROBE) != first

@@ -72,7 +72,8 @@ def frozen_backbone(cfg: dict):
 
 
 def weights_id(cfg: dict) -> str:
-    """What identifies the backbone's weights: the file's sha256 (hub) or hash-suffixed name (torchvision)."""
+    """What identifies the backbone's weights: the file's sha256 (hub) or hash-suffixed name + file identity
+    (torchvision)."""
     if not cfg["pretrained"]:  # random weights: what they are, not how they were drawn (timm/torch versions vary)
         import hashlib
         h = hashlib.sha256()
@@ -81,7 +82,14 @@ def weights_id(cfg: dict) -> str:
         return f"random-{h.hexdigest()[:12]}"
     from trainables import hub, weights
     w = weights.resolve_weights(cfg["backbone"])
-    return hub.weights_id(Path(w))[:16] if hub.is_hub_name(cfg["backbone"]) else weights.cached_path(w).stem
+    if hub.is_hub_name(cfg["backbone"]):
+        return hub.weights_id(Path(w))[:16]
+    # The hash-suffixed name alone does not say which file: `trainables.weights import` puts any file that loads
+    # strictly under that name. The file's identity (inode, size, mtime: a new import is a new file) says so cheaply.
+    file = weights.cached_path(w)
+    st = file.stat()
+    import hashlib
+    return f"{file.stem}-{hashlib.sha256(f'{st.st_ino}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:8]}"
 
 
 def features_dir(cache, cfg: dict) -> Path:
