@@ -57,8 +57,10 @@ class FakeHub:
                 parts = self.path.split("?")[0].strip("/").split("/")
                 repo, fname = "/".join(parts[:2]), parts[-1]
                 if repo in outer.refuse:
-                    self.send_response(outer.refuse[repo])
-                    self.send_header("X-Error-Code", "GatedRepo")
+                    status, code = (outer.refuse[repo], "GatedRepo") if isinstance(outer.refuse[repo], int) \
+                        else outer.refuse[repo]
+                    self.send_response(status)
+                    self.send_header("X-Error-Code", code)
                     self.send_header("X-Error-Message", "Access to this repo is restricted")
                     self.end_headers()
                     return
@@ -99,7 +101,8 @@ class FakeHub:
 @pytest.fixture
 def fake_hub(isolated_hub, monkeypatch):
     served = _state_file(isolated_hub, "test_vit").read_bytes()
-    hub_server = FakeHub({f"{REPO}/model.safetensors": served}, refuse={"MahmoodLab/UNI2-h": 401, "paige-ai/Virchow2": 403})
+    refuse = {"MahmoodLab/UNI2-h": 401, "paige-ai/Virchow2": 403, "MahmoodLab/UNI2-hh": (401, "RepoNotFound")}
+    hub_server = FakeHub({f"{REPO}/model.safetensors": served}, refuse=refuse)
     monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
     yield hub_server, served
     hub_server.close()
@@ -113,6 +116,14 @@ def test_gated_repository_is_one_line_naming_the_repo_its_page_and_hf_token(fake
         msg = str(failed[0][3])
         assert "\n" not in msg and repo in msg and f"https://huggingface.co/{repo}" in msg and "HF_TOKEN" in msg
         assert str(code) in msg and "no HF_TOKEN is set" in msg
+
+
+def test_a_misspelt_repository_is_not_told_to_request_access(fake_hub):
+    """The hub answers a name it does not know with 401 RepoNotFound (as for a private repo): the line says both."""
+    failed = weights.download_missing(["hf-hub:MahmoodLab/UNI2-hh"], progress=False)
+    msg = str(failed[0][3])
+    assert "\n" not in msg and "MahmoodLab/UNI2-hh" in msg and "not found" in msg and "check the name" in msg
+    assert "refused access" not in msg and "HF_TOKEN" in msg
 
 
 def test_served_safetensors_is_downloaded_hash_checked_then_loaded_offline(fake_hub, monkeypatch):

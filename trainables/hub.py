@@ -153,6 +153,11 @@ def hub_error(m: HubModel, err: Exception) -> str:
     """One line for a failed hub download: refused access (gated), missing, or unreachable (offline)."""
     from huggingface_hub import errors
     status = _status(err)
+    if status == 401 and isinstance(err, errors.RepositoryNotFoundError) and not isinstance(err, errors.GatedRepoError):
+        # The hub answers 401 "RepoNotFound" both for a misspelt name and for a private repository without a token.
+        return (f"hub repository {m.repo_id} (for backbone {m.name}) was not found at {endpoint()}, or it is private "
+                f"(401): check the name at {m.page}; a private or gated one needs access there and "
+                f"`export HF_TOKEN=hf_...` (https://huggingface.co/settings/tokens)")
     if isinstance(err, errors.GatedRepoError) or status in (401, 403):
         token = "HF_TOKEN is set but was refused" if os.environ.get("HF_TOKEN") else "no HF_TOKEN is set"
         return (f"hub repository {m.repo_id} refused access ({status or 'gated'}; {token}): request access at "
