@@ -177,3 +177,22 @@ def test_importing_other_torchvision_weights_gives_other_features(small_cache, t
     torch.save(state, other)
     weights.import_weights(other, "mobilenet_v2")
     assert embeddings.features_dir(cache, PROBE) != first
+
+
+def test_a_recomputed_feature_folder_is_not_served_from_the_last_trials_memory(tmp_path):
+    """Ray reuses a probe search's workers and keeps the last training matrix: a folder written again in place
+    (deleted and recomputed) must be read again, not served from that memory."""
+    from trainables.probe import _training_features
+
+    folder = tmp_path / "feats"
+
+    def write(value: float):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        (folder / embeddings.META).write_text('{"n": 4, "views": 8, "dim": 3}')
+        np.full((4, 8, 3), value, np.float16).tofile(folder / embeddings.FEATURES)
+        return embeddings.open_embeddings(folder)
+
+    rows = np.arange(4)
+    assert float(_training_features(write(1.0), rows, [0, 1])[0, 0]) == 1.0
+    assert float(_training_features(write(2.0), rows, [0, 1])[0, 0]) == 2.0

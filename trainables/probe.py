@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from trainables.config import resolve_config
-from trainables.embeddings import ensure_embeddings, frozen_backbone, uses_cached_features  # noqa: F401 (public)
+from trainables.embeddings import FEATURES, ensure_embeddings, frozen_backbone, uses_cached_features  # noqa: F401
 from trainables.engine import SmoothedBCE, batches_per_epoch, epoch_seed, make_optimizer, resolve_pos_weight
 from trainables.heads import make_head, reset_head
 
@@ -74,7 +74,8 @@ _last_features: dict = {}  # the previous trial's training matrix: Ray reuses a 
 def _training_features(emb, rows: np.ndarray, views: list[int]) -> torch.Tensor:
     """(rows x views, D) float32: each view of each training patch one example (read-only; kept for the next trial
     of this process, which usually trains on the same split)."""
-    key = (str(emb.path), hash(rows.tobytes()), tuple(views))
+    st = (emb.path / FEATURES).stat()  # the file itself: a folder recomputed in place holds other features
+    key = (str(emb.path), st.st_ino, st.st_mtime_ns, hash(rows.tobytes()), tuple(views))
     if key not in _last_features:
         _last_features.clear()
         x = np.asarray(emb.features[rows][:, views], dtype=np.float32).reshape(-1, emb.dim)
