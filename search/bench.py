@@ -26,6 +26,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -257,6 +258,10 @@ def carve_holdout(cache, fraction: float, seed: int = 12345) -> tuple[np.ndarray
 
 @run_cli
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["record"]:  # the recorded learning-curve table (search.bench_record)
+        from search import bench_record
+        return bench_record.main(argv[1:])
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no per-search result boxes
     args = get_args_parser().parse_args(argv)
