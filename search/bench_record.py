@@ -2,7 +2,7 @@
 
 Every configuration of a discretised ``backbones`` space (baseline_bn from scratch, mobilenet_v2 from ImageNet
 weights) is trained with the product's own training loop (trainables.train.fit) to max epochs, with no early
-stopping, and every epoch is recorded: val AUC on the validation split a search would use, held-out AUC on patches
+stopping, and every epoch is recorded: val AUC on the validation split a search would use (and under the stain shift below), held-out AUC on patches
 no trial ever trains or validates on (the sample's labelled test patches), the same held-out AUC under a fixed
 strong stain/colour shift of those patches (a stand-in for another hospital's scanner), losses and seconds.
 `search.bench_replay` then replays searches against the table in minutes.
@@ -116,7 +116,7 @@ def record_one(c: dict, cache, rows, held, args) -> dict:
     from trainables.train import fit, model_from_state, predict_views
 
     train_idx, val_idx = rows
-    held_x, held_shift, held_y = held
+    held_x, held_shift, held_y, val_shift = held
     cfg = {k: c[k] for k in KEYS} | {"pretrained": True, "epochs": args.max_epochs, "precision": args.precision}
     epochs = []
 
@@ -125,8 +125,9 @@ def record_one(c: dict, cache, rows, held, args) -> dict:
              "train_loss": _r(m["train_loss"]), "val_loss": _r(m["val_loss"]), "val_auc": _r(m["val_auc"])}
         if state is not None:
             model = model_from_state(state["config"], state["model"])
-            probs = predict_views(model, np.concatenate([held_x, held_shift]), state["config"])
-            e["heldout_auc"], e["shifted_auc"] = _r(auc(held_y, probs[:len(held_y)])), _r(auc(held_y, probs[len(held_y):]))
+            n, probs = len(held_y), predict_views(model, np.concatenate([held_x, held_shift, val_shift]), state["config"])
+            e["heldout_auc"], e["shifted_auc"] = _r(auc(held_y, probs[:n])), _r(auc(held_y, probs[n:2 * n]))
+            e["val_shifted_auc"] = _r(auc(cache.labels[val_idx], probs[2 * n:]))  # validating under the shift
         epochs.append(e)
 
     t0 = time.perf_counter()
@@ -146,6 +147,7 @@ def setup_of(args, rows, held_rows) -> dict:
             "n_train": len(rows[0]), "n_val": len(rows[1]), "n_heldout": len(held_rows),
             "rows_sha256": ids.hexdigest()[:16], "val": "stratified by patch, fixed (the sample has no slide map)",
             "heldout": "the sample's test split, labels from test_labels.csv",
+            "val_shifted": "val_shifted_auc: the val split under the same shift (validating under shift)",
             "shift": {"space": "HED optical density", "scale": SHIFT_SCALE.tolist(), "bias": SHIFT_BIAS.tolist()},
             "order_seed": 0, "second_seed_every": 8, "n_second_seed": 30}
 
@@ -210,7 +212,7 @@ def main(argv: list[str]) -> int:
     table["runs"].append(provenance(args, argv, cache))
     run = len(table["runs"]) - 1
     held_x = np.ascontiguousarray(cache.images[held_rows])
-    held = (held_x, stain_shift(held_x), held_y)
+    held = (held_x, stain_shift(held_x), held_y, stain_shift(np.ascontiguousarray(cache.images[va])))
     todo = [c for c in grid_configs() if config_key(c) not in {r["key"] for r in table["records"]}]
     total = len(grid_configs())
     print(f"recording {out}: {total - len(todo)}/{total} done, {len(todo)} to go; {len(tr)} train, {len(va)} val, "
