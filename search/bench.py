@@ -262,6 +262,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["record"]:  # the recorded learning-curve table (search.bench_record)
         from search import bench_record
         return bench_record.main(argv[1:])
+    if any(a == "--recorded" or a.startswith("--recorded=") for a in argv):  # replayed searches (search.bench_recorded)
+        from search import bench_recorded
+        return bench_recorded.main(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no per-search result boxes
     args = get_args_parser().parse_args(argv)

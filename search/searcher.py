@@ -169,26 +169,33 @@ def startup_trials(num_samples: int) -> int:
     return max(2, min(10, num_samples // 4))
 
 
-def make_sampler(seed: int, num_samples: int):
+def make_sampler(seed: int, num_samples: int, *, n_startup: int | None = None, multivariate: bool = True,
+                 constant_liar: bool = True, kind: str = "tpe"):
+    """The search's sampler: seeded TPE (``kind="gp"``: Optuna's GP sampler, a search.bench candidate)."""
     import optuna
 
     # multivariate + group: TPE models parameters that occur together jointly, which is what a conditional
     # space (unfreeze_depth exists only for pretrained backbones) needs. Both are flagged experimental.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Ray's table already shows every trial
-    n_startup = startup_trials(num_samples)
+    n_startup = startup_trials(num_samples) if n_startup is None else n_startup
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup)
     # constant_liar: trials still running count as bad guesses, so parallel trials do not all get the same config.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, group=True,
-                                      constant_liar=True)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=multivariate,
+                                      group=multivariate, constant_liar=constant_liar)
 
 
-def make_searcher(define: Callable, *, seed: int, num_samples: int, max_t: int, metric: str = OBJECTIVE, mode: str = MODE, feedback: bool = True,
-                  storage_url: str | None = None, study_name: str | None = None) -> OptunaSearch:
+def make_searcher(define: Callable, *, seed: int, num_samples: int, max_t: int, metric: str = OBJECTIVE,
+                  mode: str = MODE, feedback: bool = True, storage_url: str | None = None,
+                  study_name: str | None = None, sampler=None, points_to_evaluate: list[dict] | None = None
+                  ) -> OptunaSearch:
     """Seeded TPE over a define-by-run space; ``feedback=False`` gives Ray's stock behaviour (search.bench).
-    ``storage_url``/``study_name``: persist the study (None: in memory)."""
-    sampler = make_sampler(seed, num_samples)
+    ``storage_url``/``study_name``: persist the study (None: in memory); ``sampler``: another than make_sampler's;
+    ``points_to_evaluate``: configs run first (the space's starting configurations)."""
+    sampler = sampler or make_sampler(seed, num_samples)
     persist = {"storage": open_storage(storage_url), "study_name": study_name} if storage_url else {}
-    if feedback:
-        return FeedbackOptunaSearch(space=define, metric=metric, mode=mode, sampler=sampler, max_t=max_t,
-                                    **persist)
-    return OptunaSearch(space=define, metric=metric, mode=mode, sampler=sampler, **persist)
+    cls = FeedbackOptunaSearch if feedback else OptunaSearch
+    kw = {"max_t": max_t} if feedback else {}
+    return cls(space=define, metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points_to_evaluate or None,
+               **kw, **persist)

@@ -45,9 +45,16 @@ def make_trainable(plan: Plan, cache_path: str):
                                {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
 
 
+def make_scheduler(max_t: int, grace_period: int, reduction_factor: float, brackets: int = 1):
+    """ASHA over epochs (training_iteration): every trial gets ``grace_period`` epochs, the top 1/rf go on."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace_period,
+                         reduction_factor=reduction_factor, brackets=brackets)
+
+
 def build_tuner(plan: Plan, trainable, parent_run_id: str):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     callbacks = [searcher.SchedulerStopMarker(plan.max_epochs),  # first: the others read its mark
                  trial_runs.MlflowTrialCallback(plan.tracking_uri, plan.name, parent_run_id, plan.max_epochs)]
@@ -69,8 +76,7 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str):
         define_by_run(plan.space, plan.backbones, plan.opts), seed=plan.args.seed, num_samples=plan.num_samples,
         max_t=plan.max_epochs, feedback=not plan.args.stock_feedback,
         storage_url=plan.study_storage, study_name=plan.name)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_epochs,
-                              grace_period=plan.grace_period, reduction_factor=plan.reduction_factor)
+    scheduler = make_scheduler(plan.max_epochs, plan.grace_period, plan.reduction_factor)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=MODE, search_alg=search_alg, scheduler=scheduler,
