@@ -125,6 +125,8 @@ def main(argv: list[str]) -> int:
     args = get_args_parser().parse_args(argv)
     # Ray's stock OptunaSearch reports the duplicate of a trial's last result again (as in a real Tuner)
     warnings.filterwarnings("ignore", message="The reported value is ignored")
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.seeds < 2:
         raise UserError("--seeds must be at least 2 (a 95 % interval needs two)")
     table = Table(args.recorded)

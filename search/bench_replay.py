@@ -171,7 +171,8 @@ def build(strategy: Strategy, seed: int, table: Table, space, num_samples: int, 
                                         multivariate=strategy.multivariate, constant_liar=strategy.constant_liar,
                                         kind=strategy.sampler)
         alg = searcher.make_searcher(define, seed=seed, num_samples=num_samples, max_t=max_epochs,
-                                     feedback=strategy.feedback, sampler=sampler, points_to_evaluate=start)
+                                     feedback=strategy.feedback, sampler=sampler, points_to_evaluate=start,
+                                     n_startup=strategy.n_startup)
     if not strategy.asha:
         return alg, FIFOScheduler()
     return alg, make_scheduler(max_epochs, strategy.grace_period or space.grace_period,
