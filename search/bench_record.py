@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import platform
 import shlex
 import sys
@@ -130,9 +131,11 @@ def record_one(c: dict, cache, rows, held, args) -> dict:
             e["val_shifted_auc"] = _r(auc(cache.labels[val_idx], probs[2 * n:]))  # validating under the shift
         epochs.append(e)
 
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     fit(cfg, cache, train_idx, val_idx, on_epoch=on_epoch)
-    return {"key": config_key(c), "config": c, "epochs": epochs, "wall_seconds": round(time.perf_counter() - t0, 1)}
+    # The machine's load around it: seconds recorded on a busy shared machine are slower than on an idle one.
+    return {"key": config_key(c), "config": c, "epochs": epochs, "wall_seconds": round(time.perf_counter() - t0, 1),
+            "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)]}
 
 
 def _r(x) -> float | None:
