@@ -28,6 +28,7 @@ import numpy as np
 
 FORMAT = "pcam-tune-lcbench/1"
 DEFAULT_OUT = "bench/recorded/pcam_lcbench.json"
+REAL_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "pcam_sample"
 LRS = [1e-4, 5.6e-4, 3.2e-3, 1.8e-2, 1e-1]  # geomspace(1e-4, 1e-1, 5): too slow .. diverging
 GRID = {
     "baseline_bn": {"lr": LRS, "weight_decay": [1e-5, 1e-2], "aug_strength": [0.0, 0.5, 1.0],
@@ -198,7 +199,6 @@ def main(argv: list[str]) -> int:
     import torch
 
     from datasets.cache import prepare_dataset
-    from search.bench import REAL_SAMPLE
     from datasets.errors import UserError
 
     args = get_args_parser().parse_args(argv)
