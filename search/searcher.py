@@ -101,7 +101,8 @@ class FeedbackOptunaSearch(OptunaSearch):
             study, states = private_api.optuna_study(self), optuna.trial.TrialState
             waiting = study.get_trials(deepcopy=False, states=(states.WAITING,))
             finished = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
-            how = "start point" if waiting else "start-up" if len(finished) < self._n_startup else "tpe"
+            # (getattr: a searcher pickled by an older version, restored by --resume, has no count)
+            how = "start point" if waiting else "start-up" if len(finished) < getattr(self, "_n_startup", 0) else "tpe"
         config = super().suggest(trial_id)
         ot_trial = private_api.optuna_trials(self).get(trial_id)
         if ot_trial is not None and config is not None:
