@@ -140,8 +140,8 @@ def main(argv: list[str]) -> int:
           f"{table.max_epochs} epochs; objective {args.objective}; {args.seeds} seeds; {args.concurrency} trials at once",
           flush=True)
     if n_points < grid_size:
-        print(f"partial table: the {grid_size - n_points} grid points not recorded yet are rejected when proposed "
-              "(told FAIL, nothing spent)", flush=True)
+        print(f"partial table: the {grid_size - n_points} grid points not recorded yet replay the nearest recorded "
+              "point of their backbone", flush=True)
     t0 = time.perf_counter()
     curves, be, bs = run_all(args, table, names)
     out = {}

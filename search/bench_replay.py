@@ -10,7 +10,7 @@ replay trainable, and the strategies, each built from the product's own searcher
   search.searcher.make_searcher / make_sampler and search.tuner.make_scheduler, the functions search.run uses.
 
 A partial table (the recording runs over several sessions) holds a balanced sample of the grid; a grid point not
-recorded yet is rejected: its trial is told as errored (FAIL, nothing spent) and the searcher proposes again.
+recorded yet replays the nearest recorded point of its backbone (``Table.lookup``).
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ TRIAL_SEED = 0  # every replayed trial trains with seed 0, as search.run's trial
 class Table:
     """The recorded file, indexed by grid point."""
 
+    AXES = ("lr", "weight_decay", "aug_strength", "batch_size", "unfreeze_depth")
+
     def __init__(self, path: str | Path):
         self.path = str(path)
         self.data = load_table(Path(path))
@@ -33,9 +35,22 @@ class Table:
         self.max_epochs: int = int(self.data["setup"]["max_epochs"])
         self.records = {r["key"]: r for r in self.data["records"]}
 
-    def lookup(self, config: dict, seed: int = TRIAL_SEED) -> dict | None:
+    def lookup(self, config: dict, seed: int = TRIAL_SEED, nearest: bool = True) -> dict | None:
+        """The record of ``config``'s grid point; in a partial table, a point not recorded yet gets the nearest
+        recorded point of its backbone (grid steps, each axis scaled to 0..1): every strategy then searches the
+        same piecewise-constant landscape. ``nearest=False``: None instead."""
         point = {k: config.get(k) for k in KEYS[:-1]} | {"seed": seed}
-        return self.records.get(config_key(point))
+        found = self.records.get(config_key(point))
+        if found is not None or not nearest:
+            return found
+        axes = self.grid[point["backbone"]]
+        candidates = [r for r in self.records.values()
+                      if r["config"]["seed"] == seed and r["config"]["backbone"] == point["backbone"]]
+
+        def distance(r):
+            return sum(abs(axes[k].index(r["config"][k]) - axes[k].index(point[k])) / max(1, len(axes[k]) - 1)
+                       for k in self.AXES)
+        return min(candidates, key=lambda r: (distance(r), r["key"])) if candidates else None
 
     def points(self, seed: int = TRIAL_SEED) -> list[dict]:
         return [r for r in self.records.values() if r["config"]["seed"] == seed]
@@ -103,8 +118,7 @@ def replay_results(record: dict, max_epochs: int | None = None, objective: str =
 
 
 def replay_trainable(config: dict, table_path: str, max_epochs: int | None = None) -> None:
-    """Ray Tune function trainable: reports the recorded curve of ``config``'s grid point; a point not recorded
-    reports nothing (the trial ends silent: FAIL)."""
+    """Ray Tune function trainable: reports the recorded curve of ``config``'s grid point (Table.lookup)."""
     from ray import tune
 
     record = Table(table_path).lookup(config)
