@@ -119,6 +119,20 @@ def plot(curves: dict, budgets: dict, out: Path, title: str) -> Path:
     return out
 
 
+def seed_noise(table: Table) -> str | None:
+    """How far two training seeds of one config land apart (last epoch), over the table's seed twins."""
+    pairs = [(r, table.lookup(r["config"], seed=0, nearest=False)) for r in table.records.values()
+             if r["config"]["seed"] == 1]
+    diffs = {k: [abs(a["epochs"][-1].get(k) - b["epochs"][-1].get(k)) for a, b in pairs
+                 if b and a["epochs"][-1].get(k) is not None and b["epochs"][-1].get(k) is not None]
+             for k in ("val_auc", "heldout_auc")}
+    if not diffs["val_auc"]:
+        return None
+    return (f"seed noise over {len(diffs['val_auc'])} seed twins (last epoch, |seed 0 - seed 1|): val AUC mean "
+            f"{np.mean(diffs['val_auc']):.4f} (max {max(diffs['val_auc']):.4f}), held-out AUC mean "
+            f"{np.mean(diffs['heldout_auc']):.4f} (max {max(diffs['heldout_auc']):.4f})")
+
+
 def main(argv: list[str]) -> int:
     from datasets.errors import UserError
 
@@ -142,6 +156,9 @@ def main(argv: list[str]) -> int:
     if n_points < grid_size:
         print(f"partial table: the {grid_size - n_points} grid points not recorded yet replay the nearest recorded "
               "point of their backbone", flush=True)
+    noise = seed_noise(table)
+    if noise:
+        print(noise, flush=True)
     t0 = time.perf_counter()
     curves, be, bs = run_all(args, table, names)
     out = {}

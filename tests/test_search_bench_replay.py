@@ -137,7 +137,7 @@ def test_replay_cli_prints_the_table_and_writes_the_png(table, tmp_path, capsys)
     assert main(["--recorded", table.path, "--seeds", "3", "--budget-trials", "6", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "vs budget in trial-epochs" in text and "vs budget in recorded seconds" in text
-    assert "defaults: reaches random's final mean" in text
+    assert "defaults: reaches random's final mean" in text and "seed noise over 3 seed twins" in text
     assert out.is_file() and json.loads(out.with_suffix(".json").read_text())["seeds"] == 3
 
 
