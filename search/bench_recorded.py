@@ -169,8 +169,10 @@ def main(argv: list[str]) -> int:
         print_table(stats, marks, unit)
         checks = target_check(curves, marks, axis, budget)
         print("\n".join(checks))
-        out[axis] = {"budget": budget, "marks": marks, "heldout": stats, "checks": checks,
-                     "shifted": table_at(curves, marks, axis, "shifted")}
+        shifted = table_at(curves, marks, axis, "shifted")
+        print("held-out AUC under the stain shift at the full budget: " + ", ".join(
+            f"{n} {row[-1][0]:.4f} +-{row[-1][1]:.3f}" for n, row in shifted.items()))
+        out[axis] = {"budget": budget, "marks": marks, "heldout": stats, "checks": checks, "shifted": shifted}
     png = plot(curves, {"epochs": be, "seconds": bs}, Path(args.out),
                f"recorded PCam curves ({n_points}/{grid_size} points), {args.seeds} seeds, objective {args.objective}")
     Path(args.out).with_suffix(".json").write_text(json.dumps({"table": args.recorded, "seeds": args.seeds,
