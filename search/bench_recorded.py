@@ -30,7 +30,8 @@ def get_args_parser():
     p.add_argument("--recorded", required=True, help="the table of search.bench record")
     p.add_argument("--seeds", type=int, default=50)
     p.add_argument("--strategies", default=",".join(MAIN),
-                   help=f"comma-separated, from {', '.join([*STRATEGIES, *CANDIDATES])}; 'candidates' adds part 2's")
+                   help=f"comma-separated, from {', '.join([*STRATEGIES, *CANDIDATES])}, gp; 'candidates' adds "
+                   "part 2's (all but gp)")
     p.add_argument("--objective", default="best", choices=list(OBJECTIVES))
     p.add_argument("--budget-trials", type=float, default=24,
                    help="the budget as full trials: trial-epochs = this x max epochs (default 24, the space's)")
