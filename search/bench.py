@@ -15,7 +15,8 @@ Strategies (same space, data, trial seed, budget of trial-epochs, concurrency):
 - tpe_asha:        Optuna TPE + ASHA, our outcome feedback (search.searcher; what search.run uses)
 
 Recorded learning curves instead of real trials (many seeds in minutes): ``python -m search.bench record`` builds
-the table (search.bench_record), ``python -m search.bench --recorded FILE`` replays searches on it (search.bench_recorded).
+the table (search.bench_record), ``python -m search.bench --recorded FILE`` replays searches on it
+(search.bench_recorded).
 
 Default: the real sample (../shared/pcam_sample beside the repo) when present, else the embedded synthetic data;
 5 searcher seeds; a table (mean +- sd over seeds) and a PNG of held-out AUC vs budget.

@@ -2,8 +2,8 @@
 
 Every configuration of a discretised ``backbones`` space (baseline_bn from scratch, mobilenet_v2 from ImageNet
 weights) is trained with the product's own training loop (trainables.train.fit) to max epochs, with no early
-stopping, and every epoch is recorded: val AUC on the validation split a search would use (and under the stain shift below), held-out AUC on patches
-no trial ever trains or validates on (the sample's labelled test patches), the same held-out AUC under a fixed
+stopping, and every epoch is recorded: val AUC on the validation split a search would use (and under the stain
+shift below), held-out AUC on patches no trial ever trains or validates on (the sample's labelled test patches), the same held-out AUC under a fixed
 strong stain/colour shift of those patches (a stand-in for another hospital's scanner), losses and seconds.
 `search.bench_replay` then replays searches against the table in minutes.
 

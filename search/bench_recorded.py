@@ -86,12 +86,14 @@ def target_check(curves: dict, marks: list[float], axis: str, budget: float) -> 
                           for c in curves[n]])[0] for b in grid]
         reach = next((b for b, m in zip(grid, means) if m >= target), None)
         line = (f"{n}: reaches random's final mean held-out AUC {target:.4f} at "
-                + (f"{reach:.0f} of {budget:.0f} {axis} ({reach / budget:.0%}; target <= 33%)" if reach else "no budget point"))
+                + (f"{reach:.0f} of {budget:.0f} {axis} ({reach / budget:.0%}; target <= 33%)" if reach
+                   else "no budget point"))
         if "random_asha" in curves:
             ra = [mean_ci([at_budget(c, b, axis).heldout if at_budget(c, b, axis) else float("nan")
                            for c in curves["random_asha"]])[0] for b in grid]
             worse = [f"{b:.0f}" for b, m, r in zip(grid, means, ra) if m < r]
-            line += "; below random_asha at " + (f"{len(worse)}/24 points ({', '.join(worse[:6])}...)" if worse else "no point")
+            line += "; below random_asha at " + (f"{len(worse)}/24 points ({', '.join(worse[:6])}...)" if worse
+                                                 else "no point")
         lines.append(line)
     return lines
 

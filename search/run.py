@@ -131,10 +131,11 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
               "slide_map": str(Path(plan.args.slide_map).resolve()) if plan.args.slide_map else None,
               "data_fingerprint": cache.fingerprint, "cache_path": str(cache.path),
               "cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial,
-              "max_concurrent": plan.max_concurrent}
+              "max_concurrent": plan.max_concurrent, "warm_start": plan.warm_start["name"] if plan.warm_start else None}
     if plan.warm_start and plan.warm_start.get("data_fingerprint") != cache.fingerprint:
-        print(f"warning: --warm-start {plan.warm_start['name']} searched other data (fingerprint "
-              f"{str(plan.warm_start.get('data_fingerprint'))[:12]}, {plan.warm_start.get('data_dir') or 'embedded synthetic'})"
+        theirs = plan.warm_start
+        print(f"warning: --warm-start {theirs['name']} searched other data (fingerprint "
+              f"{str(theirs.get('data_fingerprint'))[:12]}, {theirs.get('data_dir') or 'embedded synthetic'})"
               f" than this search ({cache.fingerprint[:12]}, {data_dir or 'embedded synthetic'}); its results guide TPE "
               "all the same", file=sys.stderr, flush=True)
     if not saved:

@@ -55,8 +55,9 @@ def test_a_time_budget_without_num_samples_keeps_proposing_trials(ray_local, tmp
     alg = searcher.make_searcher(_toy_define, seed=0, num_samples=plan.expected_trials, max_t=2)
     t0 = time.monotonic()
     grid = tune.Tuner(toy_trainable, tune_config=tune.TuneConfig(
-        metric="best_val_auc", mode="max", search_alg=alg, num_samples=plan.num_samples, max_concurrent_trials=2, reuse_actors=True,
-        time_budget_s=plan.time_budget_s), run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0)).fit()
+        metric="best_val_auc", mode="max", search_alg=alg, num_samples=plan.num_samples, max_concurrent_trials=2,
+        reuse_actors=True, time_budget_s=plan.time_budget_s),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0)).fit()
     assert time.monotonic() - t0 >= 0.95 * BUDGET_S
     assert len(grid) > get_space("smoke").num_samples  # not the space's 4: trials until the budget ran out
 
