@@ -14,6 +14,10 @@ Strategies (same space, data, trial seed, budget of trial-epochs, concurrency):
 - tpe_asha_stock:  Optuna TPE + ASHA, Ray's stock OptunaSearch feedback
 - tpe_asha:        Optuna TPE + ASHA, our outcome feedback (search.searcher; what search.run uses)
 
+Recorded learning curves instead of real trials (many seeds in minutes): ``python -m search.bench record`` builds
+the table (search.bench_record), ``python -m search.bench --recorded FILE`` replays searches on it
+(search.bench_recorded).
+
 Default: the real sample (../shared/pcam_sample beside the repo) when present, else the embedded synthetic data;
 5 searcher seeds; a table (mean +- sd over seeds) and a PNG of held-out AUC vs budget.
 
@@ -26,6 +30,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -257,6 +262,13 @@ def carve_holdout(cache, fraction: float, seed: int = 12345) -> tuple[np.ndarray
 
 @run_cli
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["record"]:  # the recorded learning-curve table (search.bench_record)
+        from search import bench_record
+        return bench_record.main(argv[1:])
+    if any(a == "--recorded" or a.startswith("--recorded=") for a in argv):  # replayed searches (search.bench_recorded)
+        from search import bench_recorded
+        return bench_recorded.main(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no per-search result boxes
     args = get_args_parser().parse_args(argv)

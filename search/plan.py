@@ -68,6 +68,18 @@ class Plan:
     study_storage: str
     interrupted: bool = False  # a Ctrl-C ended the search (exit code 130)
     unfinished: int = 0  # trials left for --resume (Ctrl-C or time budget)
+    warm_start: dict | None = None  # --warm-start: the earlier search's saved settings (search.json) and name
+
+    @property
+    def expected_trials(self) -> int:
+        """Trials the search plans for (TPE's start-up count): --num-samples, else the space's default, also when
+        the time budget decides (num_samples = -1: Ray proposes trials until the budget runs out)."""
+        return self.num_samples if self.num_samples > 0 else self.space.num_samples
+
+    @property
+    def trials_cap(self) -> int:
+        """The most trials that can run at once because of the trial count (none with num_samples = -1)."""
+        return self.num_samples if self.num_samples > 0 else 1 << 30
 
 
 def _positive(value, option: str, allow_zero: bool = False):
@@ -115,6 +127,8 @@ def plan_search(args, argv) -> Plan:
     saved = settings.load_settings(results, args.name) if resume else None
     if saved:
         settings.apply_saved_settings(args, saved)
+        if args.num_samples == -1:  # the time budget decided; it is restored with the other settings
+            args.num_samples = None
     args.seed = 0 if args.seed is None else args.seed
     if not args.space:
         raise UserError("--space is required; one of: " + ", ".join(_space_names()) + " (see --list-spaces)")
@@ -130,7 +144,8 @@ def plan_search(args, argv) -> Plan:
     grace = args.grace_period or min(space.grace_period, max_epochs)
     if grace > max_epochs:
         raise UserError(f"--grace-period {grace} is more than --max-epochs {max_epochs}")
-    num_samples = args.num_samples or space.num_samples
+    # A time budget without --num-samples: keep proposing trials until the budget runs out (Ray's num_samples=-1).
+    num_samples = args.num_samples or (-1 if time_budget_s else space.num_samples)
     if isinstance(args.backbones, str):
         args.backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     args.pretrained = not args.no_pretrained if args.pretrained is None else args.pretrained
@@ -141,15 +156,38 @@ def plan_search(args, argv) -> Plan:
     check_weights(space, backbones, opts)
 
     # On a cluster the resources are only known once connected (start_ray); locally check them now.
-    cpt, gpt, conc = (0.0, 0.0, 0) if args.address else resources.resource_defaults(args, *resources.local_hardware(), num_samples)
+    cpt, gpt, conc = (0.0, 0.0, 0) if args.address else resources.resource_defaults(
+        args, *resources.local_hardware(), num_samples if num_samples > 0 else 1 << 30)
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    warm = None if resume else check_warm_start(args, results, space, backbones, opts,
+                                               args.study_storage or searcher.study_storage_url(results))
     return Plan(args=args, space=space, opts=opts, backbones=backbones, num_samples=num_samples,
                 max_epochs=max_epochs, grace_period=grace,
                 reduction_factor=args.reduction_factor or space.reduction_factor, time_budget_s=time_budget_s,
                 cpus_per_trial=cpt, gpus_per_trial=gpt, max_concurrent=conc, name=name, results_dir=results,
                 storage_path=storage, experiment_path=join_storage(storage, name), resume=resume,
                 tracking_uri=defaults.default_tracking_uri(results, args.tracking_uri),
-                study_storage=args.study_storage or searcher.study_storage_url(results))
+                study_storage=args.study_storage or searcher.study_storage_url(results), warm_start=warm)
+
+
+def check_warm_start(args, results: Path, space, backbones, opts, study_storage: str) -> dict | None:
+    """--warm-start NAME: a finished search of the same space (and backbones) whose study is in this storage."""
+    source = getattr(args, "warm_start", None)
+    if not source:
+        return None
+    saved = settings.load_settings(results, source) if NAME_RE.match(source) else None
+    if saved is None or not searcher.study_exists(study_storage, source):
+        where = results / source / settings.SETTINGS_FILE
+        raise UserError(f"--warm-start {source!r}: no finished search of that name (neither {where} nor its study in "
+                        f"{study_storage}); pass the --name of an earlier search")
+    theirs = (saved.get("space"), tuple(saved.get("backbones") or ()) or None, saved.get("pretrained"))
+    ours = (space.name, tuple(args.backbones) if args.backbones else None, opts.pretrained)
+    if theirs != ours:
+        raise UserError(f"--warm-start {source!r} searched another space (space {theirs[0]}, backbones "
+                        f"{','.join(theirs[1] or ('default',))}, pretrained {theirs[2]}) than this search (space "
+                        f"{ours[0]}, backbones {','.join(ours[1] or ('default',))}, pretrained {ours[2]}); TPE can only "
+                        "start from trials of the same space")
+    return {"name": source, **saved}
 
 
 def _space_names():

@@ -42,7 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "DATA_DIR/slide_map.csv if present; python -m datasets.slide_map builds one)")
     p.add_argument("--num-samples", type=int, help="number of trials (default: per space)")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops (default: per space)")
-    p.add_argument("--time-budget", help="stop the search after this long: seconds, or 30m, 2h, 1h30m")
+    p.add_argument("--time-budget", help="stop the search after this long: seconds, or 30m, 2h, 1h30m; without "
+                   "--num-samples it proposes trials until the budget runs out")
+    p.add_argument("--warm-start", help="start TPE from the trials of an earlier search NAME (same space)")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: from the hardware)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractional allowed e.g. 0.25 "
                    "(default: 0.5 when GPUs exist, else 0)")
@@ -135,11 +137,19 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
               "slide_map": str(Path(plan.args.slide_map).resolve()) if plan.args.slide_map else None,
               "data_fingerprint": cache.fingerprint, "cache_path": str(cache.path),
               "cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial,
-              "max_concurrent": plan.max_concurrent}
+              "max_concurrent": plan.max_concurrent, "warm_start": plan.warm_start["name"] if plan.warm_start else None}
+    if plan.warm_start and plan.warm_start.get("data_fingerprint") != cache.fingerprint:
+        theirs = plan.warm_start
+        print(f"warning: --warm-start {theirs['name']} searched other data (fingerprint "
+              f"{str(theirs.get('data_fingerprint'))[:12]}, {theirs.get('data_dir') or 'embedded synthetic'})"
+              f" than this search ({cache.fingerprint[:12]}, {data_dir or 'embedded synthetic'}); its results guide TPE "
+              "all the same", file=sys.stderr, flush=True)
     if not saved:
         save_settings(plan, cache.fingerprint)
     print(f"{'resuming' if plan.resume else 'starting'} search {plan.name!r}: space {plan.space.name}, "
-          f"backbones {','.join(plan.backbones)}, {plan.num_samples} trials x <= {plan.max_epochs} epochs, "
+          f"backbones {','.join(plan.backbones)}, "
+          + (f"{plan.num_samples} trials" if plan.num_samples > 0 else "trials until the time budget runs out")
+          + f" x <= {plan.max_epochs} epochs, "
           f"{plan.max_concurrent} at once ({plan.cpus_per_trial:g} CPU, {plan.gpus_per_trial:g} GPU each), "
           f"data {cache.source.get('kind')} {cache.fingerprint[:12]}", flush=True)
 
@@ -198,7 +208,7 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
     best_path = out_dir / "best_config.json"
     report.write_json(best_path, record)
     explained = insight.explain_search(plan.study_storage, plan.name, out_dir,  # Optuna's plots, importances
-                                       n_startup=searcher.startup_trials(plan.num_samples))
+                                       n_startup=searcher.startup_trials(plan.expected_trials))
     pictures = [report.plot_roc(best, out_dir / "roc_best.png"),
                 report.plot_learning_curves(summaries, out_dir / "learning_curves.png"), *explained.pictures]
     kinds = [s.outcome.kind for s in summaries]

@@ -36,6 +36,10 @@ from search.outcome import MODE, OBJECTIVE, STOP_MARK, Outcome, decide
 logger = logging.getLogger(__name__)
 RAY_TRIAL_ID = "ray_trial_id"  # Optuna user attribute: which Ray trial this is
 OUTCOME_ATTR = "outcome"  # Optuna user attribute: Outcome.label
+# Optuna user attribute: how the config was proposed: "start point" (the space's points_to_evaluate), "start-up"
+# (the sampler's random start-up), "tpe" (the sampler's model), "warm start" (copied from an earlier search)
+PROPOSED_BY = "proposed_by"
+STARTUP_KINDS = ("start point", "start-up", "warm start")
 
 
 def study_storage_url(results_dir: str | Path) -> str:
@@ -84,15 +88,27 @@ class SchedulerStopMarker(Callback):
 class FeedbackOptunaSearch(OptunaSearch):
     """Ray's OptunaSearch, told every trial's final value and its true outcome (see the module docstring)."""
 
-    def __init__(self, *args, max_t: int, **kwargs):
+    def __init__(self, *args, max_t: int, n_startup: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self._max_t = max_t
+        self._n_startup = n_startup
 
     def suggest(self, trial_id: str):
+        import optuna
+
+        fresh = trial_id not in private_api.optuna_trials(self)
+        if fresh:  # how the sampler will propose it (TPESampler's rule: start-up below n finished trials)
+            study, states = private_api.optuna_study(self), optuna.trial.TrialState
+            waiting = study.get_trials(deepcopy=False, states=(states.WAITING,))
+            finished = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
+            # (getattr: a searcher pickled by an older version, restored by --resume, has no count)
+            how = "start point" if waiting else "start-up" if len(finished) < getattr(self, "_n_startup", 0) else "tpe"
         config = super().suggest(trial_id)
         ot_trial = private_api.optuna_trials(self).get(trial_id)
         if ot_trial is not None and config is not None:
             ot_trial.set_user_attr(RAY_TRIAL_ID, trial_id)
+            if fresh:
+                ot_trial.set_user_attr(PROPOSED_BY, how)
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
@@ -169,26 +185,53 @@ def startup_trials(num_samples: int) -> int:
     return max(2, min(10, num_samples // 4))
 
 
-def make_sampler(seed: int, num_samples: int):
+def make_sampler(seed: int, num_samples: int, *, n_startup: int | None = None, multivariate: bool = True,
+                 constant_liar: bool = True, kind: str = "tpe"):
+    """The search's sampler: seeded TPE (``kind="gp"``: Optuna's GP sampler, a search.bench candidate)."""
     import optuna
 
     # multivariate + group: TPE models parameters that occur together jointly, which is what a conditional
     # space (unfreeze_depth exists only for pretrained backbones) needs. Both are flagged experimental.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Ray's table already shows every trial
-    n_startup = startup_trials(num_samples)
+    n_startup = startup_trials(num_samples) if n_startup is None else n_startup
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup)
     # constant_liar: trials still running count as bad guesses, so parallel trials do not all get the same config.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, group=True,
-                                      constant_liar=True)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=multivariate,
+                                      group=multivariate, constant_liar=constant_liar)
 
 
-def make_searcher(define: Callable, *, seed: int, num_samples: int, max_t: int, metric: str = OBJECTIVE, mode: str = MODE, feedback: bool = True,
-                  storage_url: str | None = None, study_name: str | None = None) -> OptunaSearch:
+def make_searcher(define: Callable, *, seed: int, num_samples: int, max_t: int, metric: str = OBJECTIVE,
+                  mode: str = MODE, feedback: bool = True, storage_url: str | None = None,
+                  study_name: str | None = None, sampler=None, points_to_evaluate: list[dict] | None = None,
+                  n_startup: int | None = None) -> OptunaSearch:
     """Seeded TPE over a define-by-run space; ``feedback=False`` gives Ray's stock behaviour (search.bench).
-    ``storage_url``/``study_name``: persist the study (None: in memory)."""
-    sampler = make_sampler(seed, num_samples)
+    ``storage_url``/``study_name``: persist the study (None: in memory); ``sampler``: another than make_sampler's;
+    ``points_to_evaluate``: configs run first (the space's starting configurations); ``n_startup``: the sampler's
+    start-up trials when ``sampler`` was made with another count (only to tag how each trial was proposed)."""
+    sampler = sampler or make_sampler(seed, num_samples)
     persist = {"storage": open_storage(storage_url), "study_name": study_name} if storage_url else {}
-    if feedback:
-        return FeedbackOptunaSearch(space=define, metric=metric, mode=mode, sampler=sampler, max_t=max_t,
-                                    **persist)
-    return OptunaSearch(space=define, metric=metric, mode=mode, sampler=sampler, **persist)
+    cls = FeedbackOptunaSearch if feedback else OptunaSearch
+    kw = {"max_t": max_t, "n_startup": n_startup if n_startup is not None else startup_trials(num_samples)} \
+        if feedback else {}
+    return cls(space=define, metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points_to_evaluate or None,
+               **kw, **persist)
+
+
+def warm_start(storage_url: str, name: str, source: str) -> int:
+    """Create study ``name`` holding the finished trials of the earlier search ``source`` (same storage): params,
+    distributions, states, values and intermediate values, so that TPE proposes from the new search's first trial.
+    Returns how many trials were copied. Optuna's public API: create_trial + add_trials."""
+    import optuna
+
+    states = optuna.trial.TrialState
+    old = load_study(storage_url, source)
+    new = optuna.create_study(storage=open_storage(storage_url), study_name=name, direction="maximize")
+    copies = [optuna.trial.create_trial(
+        state=t.state, params=t.params, distributions=t.distributions,
+        value=t.value if t.state == states.COMPLETE else None, intermediate_values=t.intermediate_values,
+        user_attrs={**t.user_attrs, PROPOSED_BY: "warm start", "warm_start_from": f"{source} #{t.number}"})
+        for t in old.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL))]
+    new.add_trials(copies)
+    return len(copies)

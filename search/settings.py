@@ -52,5 +52,6 @@ def save_settings(plan, data_fingerprint: str) -> None:
                 "study_storage": plan.study_storage,
                 "max_concurrent": plan.max_concurrent,  # fixed in the restored TuneConfig
                 "precision": plan.opts.precision,
+                "warm_start": plan.warm_start["name"] if plan.warm_start else None,
                 "experiment_path": plan.experiment_path}
     write_json(plan.results_dir / plan.name / SETTINGS_FILE, settings)

@@ -48,6 +48,9 @@ class Space:
     searches_backbone: bool = True  # honours --backbones
     # Trials train a head on the embedding cache (trainables.embeddings): the driver computes it before Ray starts.
     cached_features: bool = False
+    # Known-good configurations evaluated first (Ray's points_to_evaluate), so a search is never worse than its
+    # documented default: trainables.config.DEFAULTS per backbone; unfreeze_depth "all" = every stage.
+    start: tuple[dict, ...] = ()
 
 
 def _models():
@@ -82,6 +85,33 @@ def _common(trial, lr_range: tuple[float, float]) -> None:
     trial.suggest_float("lr", *lr_range, log=True)
     trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
     trial.suggest_float("aug_strength", 0.0, 1.0)
+
+
+_DEFAULT_POINT = {"lr": 1e-3, "weight_decay": 1e-4, "aug_strength": 0.5}  # trainables.config.DEFAULTS
+_PROBE_POINT = {"lr": 1e-3, "weight_decay": 1e-4}  # the usual linear probe: a plain head, no dropout
+
+
+def start_points(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> list[dict]:
+    """The space's starting configurations for this search, in the names its define-by-run function suggests:
+    those of the search's backbones (a finetune point takes --backbone), unfreeze depth only where drawn."""
+    m = _models()
+    points = []
+    for p in space.start:
+        p = dict(p)
+        backbone = p.get("backbone", backbones[0])
+        if space.searches_backbone and backbone not in backbones:
+            continue
+        if p.get("unfreeze_depth") == "all":
+            if opts.pretrained and m.is_pretrainable(backbone):
+                p["unfreeze_depth"] = m.num_stages(backbone)
+            else:
+                del p["unfreeze_depth"]
+        if not space.searches_backbone or space.name == "finetune":
+            p.pop("backbone", None)
+        else:
+            p["backbone"] = backbone  # a point without one starts on the search's first backbone
+        points.append(p)
+    return points
 
 
 def define_backbones(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
@@ -133,19 +163,21 @@ SPACES: dict[str, Space] = {
         Space("backbones", "backbone choice (baseline_bn + torchvision) x lr, weight decay, unfreeze depth "
               "(pretrained only), augmentation, batch size", define_backbones,
               ("backbone", "lr", "weight_decay", "aug_strength", "unfreeze_depth", "batch_size"), num_samples=24,
-              max_epochs=8, grace_period=2, reduction_factor=3),
+              max_epochs=8, grace_period=2, reduction_factor=3,
+              start=({"backbone": "mobilenet_v2", **_DEFAULT_POINT, "batch_size": 128, "unfreeze_depth": "all"},
+                     {"backbone": DEFAULT_BASELINE, **_DEFAULT_POINT, "batch_size": 128})),
         Space("baseline", "baseline CNNs from scratch: lr, weight decay, augmentation, dropout", define_baseline,
               ("backbone", "lr", "weight_decay", "aug_strength", "dropout"), num_samples=16, max_epochs=8,
-              grace_period=2, reduction_factor=3),
+              grace_period=2, reduction_factor=3, start=({"backbone": DEFAULT_BASELINE, **_DEFAULT_POINT, "dropout": 0.3},)),
         Space("finetune", "one pretrained backbone (--backbone): unfreeze depth, lr, weight decay, augmentation",
               define_finetune, ("lr", "weight_decay", "aug_strength", "unfreeze_depth"), num_samples=16, max_epochs=6,
-              grace_period=1, reduction_factor=3),
+              grace_period=1, reduction_factor=3, start=({**_DEFAULT_POINT, "unfreeze_depth": "all"},)),
         # Seconds a trial once the features are cached: hundreds of trials, ASHA over head epochs (rungs 1, 3, 9).
         Space("probe", "linear/MLP head on frozen features (embedding cache; default --backbones mobilenet_v2; "
               "timm/... and hf-hub:... too): head, hidden width, dropout, lr, weight decay", define_probe,
               ("backbone", "head", "head_hidden", "dropout", "lr", "weight_decay"), num_samples=400, max_epochs=12,
               grace_period=1, reduction_factor=3, constants={"batch_size": 256, "aug_strength": 1.0},
-              cached_features=True),
+              cached_features=True, start=({"head": "linear", "dropout": 0.0, **_PROBE_POINT},)),
         # `make demo` on 2 CPU cores in minutes. Batches of 16: on 512 patches an epoch is 32 steps, enough for
         # the first epoch's AUC to tell learning rates apart (batches of 64 give 8 steps: noise), so ASHA's cut
         # after epoch 1 (keep the top third) means something; 12 trials give TPE 9 after its 3 random ones.

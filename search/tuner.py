@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from datasets.errors import UserError
 from search import cluster, live_table, private_api, searcher, trial_runs
 from search.outcome import MODE, OBJECTIVE
-from search.spaces import define_by_run, pretrained_backbones_used
+from search.spaces import define_by_run, pretrained_backbones_used, start_points
 
 if TYPE_CHECKING:
     from search.plan import Plan
@@ -23,7 +23,7 @@ def start_ray(plan: Plan) -> None:
         ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False, **kwargs)
     if plan.args.address:  # only now can a cluster's resources be known and checked
         plan.cpus_per_trial, plan.gpus_per_trial, plan.max_concurrent = cluster.trial_resources(
-            plan.args, cluster.alive_nodes(), plan.num_samples, where=f"the Ray cluster at {plan.args.address}")
+            plan.args, cluster.alive_nodes(), plan.trials_cap, where=f"the Ray cluster at {plan.args.address}")
 
 
 def check_nodes(plan: Plan, cache, data_dir: str | None) -> None:
@@ -45,9 +45,16 @@ def make_trainable(plan: Plan, cache_path: str):
                                {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
 
 
+def make_scheduler(max_t: int, grace_period: int, reduction_factor: float, brackets: int = 1):
+    """ASHA over epochs (training_iteration): every trial gets ``grace_period`` epochs, the top 1/rf go on."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace_period,
+                         reduction_factor=reduction_factor, brackets=brackets)
+
+
 def build_tuner(plan: Plan, trainable, parent_run_id: str):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     callbacks = [searcher.SchedulerStopMarker(plan.max_epochs),  # first: the others read its mark
                  trial_runs.MlflowTrialCallback(plan.tracking_uri, plan.name, parent_run_id, plan.max_epochs)]
@@ -65,12 +72,14 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str):
         raise UserError(f"an Optuna study named {plan.name!r} already exists in {plan.study_storage} but its Ray "
                         f"experiment {plan.experiment_path} is gone; start with another --name, or delete the study: "
                         f"optuna delete-study --storage {plan.study_storage} --study-name {plan.name}")
+    if plan.warm_start:  # TPE starts from the earlier search's trials (its start points were run there)
+        searcher.warm_start(plan.study_storage, plan.name, plan.warm_start["name"])
     search_alg = searcher.make_searcher(
-        define_by_run(plan.space, plan.backbones, plan.opts), seed=plan.args.seed, num_samples=plan.num_samples,
+        define_by_run(plan.space, plan.backbones, plan.opts), seed=plan.args.seed, num_samples=plan.expected_trials,
         max_t=plan.max_epochs, feedback=not plan.args.stock_feedback,
-        storage_url=plan.study_storage, study_name=plan.name)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.max_epochs,
-                              grace_period=plan.grace_period, reduction_factor=plan.reduction_factor)
+        storage_url=plan.study_storage, study_name=plan.name,
+        points_to_evaluate=None if plan.warm_start else start_points(plan.space, plan.backbones, plan.opts))
+    scheduler = make_scheduler(plan.max_epochs, plan.grace_period, plan.reduction_factor)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=MODE, search_alg=search_alg, scheduler=scheduler,
