@@ -1,8 +1,8 @@
 """End-of-search outputs: trial summaries, the leaderboard, best_config.json and the PNG pictures.
 
 Each trial's status is its `search.outcome.Outcome`, the same one its MLflow child run and the TPE feedback get.
-The leaderboard ranks by the search's objective (best val AUC up to the epoch a trial reached; search.outcome);
-trials without a trustworthy objective (diverged, errored) rank last.
+The leaderboard ranks by search.outcome.rank_key, the one ranking rule (completed trials by objective, then early
+ends by depth and objective, then trials without a trustworthy objective); best_config.json is its first row.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from search import private_api
+from search import outcome as outcomes
 from search.outcome import OBJECTIVE, Outcome, decide
 
 TOP_K = 10
@@ -114,9 +115,14 @@ def summarize(result_grid, max_epochs: int, budget_hit: bool = False, interrupte
 
 
 def rank_key(s: TrialSummary):
-    """Trustworthy objectives first, best first; then the rest (diverged, errored, never reported)."""
-    usable = s.outcome.ranked and not math.isnan(s.best_val_auc)
-    return (0, -s.best_val_auc) if usable else (1, -s.best_val_auc if not math.isnan(s.best_val_auc) else math.inf)
+    """search.outcome.rank_key of a trial summary (the one ranking rule)."""
+    return outcomes.rank_key(s.outcome, s.best_val_auc)
+
+
+def winner(summaries: list[TrialSummary]) -> TrialSummary | None:
+    """The search's pick: the first of ``summaries`` (sorted by rank_key) with a trustworthy objective."""
+    first = summaries[0] if summaries else None
+    return first if first is not None and rank_key(first)[0] < 2 else None
 
 
 def searched_keys(summaries: list[TrialSummary]) -> list[str]:

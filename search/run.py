@@ -169,8 +169,8 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
     interrupted = plan.interrupted
     resume_hint = f"continue it with: python -m search.run --name {plan.name} --resume"
     print("\n" + report.format_leaderboard(board, plan.args.top_k))
-    ranked = [s for s in summaries if s.outcome.ranked and not math.isnan(s.best_val_auc)]
-    if not ranked:
+    best = report.winner(summaries)  # the leaderboard's first row (search.outcome.rank_key)
+    if best is None:
         tracking.finish_parent(plan.tracking_uri, parent_run_id, metrics={"n_trials": len(summaries)},
                                tags={"outcome": "no trial reported"}, artifacts=[board_path],
                                status="KILLED" if interrupted else "FAILED")
@@ -179,7 +179,6 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
             return {}
         first = next((s.status for s in summaries if s.error), "no trial reported a result")
         raise UserError(f"no trial of {plan.name} finished an epoch ({first}); see {board_path}")
-    best = ranked[0]
     child = _child_run_id(plan, parent_run_id, best.trial_id)
     record = report.best_config_record(
         best, name=plan.name, space=plan.space.name, experiment_path=plan.experiment_path, data_dir=data_dir,

@@ -8,7 +8,8 @@ rung has no value at all), tells ASHA-stopped trials as COMPLETE with their low-
 trial as COMPLETE too. ``FeedbackOptunaSearch`` instead:
 - reports the final result's value at its step before telling the trial, whatever the state;
 - tells the state `search.outcome.decide` gives (with `SchedulerStopMarker` among the run's callbacks) (COMPLETE / PRUNED / FAIL), the same judgement the leaderboard
-  and MLflow show;
+  and MLflow show; the state is the tier of `search.outcome.rank_key`, the one ranking rule, so Optuna (COMPLETE
+  by value, then PRUNED by deepest step and value there) orders the trials as the leaderboard does;
 - tags each Optuna trial with its Ray trial id and outcome (user attributes), so the driver can settle, after the
   search, the trials Ray never completed (cut by the time budget), and optuna-dashboard shows how each ended.
 
@@ -189,6 +190,16 @@ def make_searcher(define: Callable, *, seed: int, num_samples: int, max_t: int, 
     sampler = make_sampler(seed, num_samples)
     persist = {"storage": open_storage(storage_url), "study_name": study_name} if storage_url else {}
     if feedback:
-        return FeedbackOptunaSearch(space=define, metric=metric, mode=mode, sampler=sampler, max_t=max_t,
-                                    **persist)
-    return OptunaSearch(space=define, metric=metric, mode=mode, sampler=sampler, **persist)
+        alg = FeedbackOptunaSearch(space=define, metric=metric, mode=mode, sampler=sampler, max_t=max_t, **persist)
+    else:
+        alg = OptunaSearch(space=define, metric=metric, mode=mode, sampler=sampler, **persist)
+    name_objective(private_api.optuna_study(alg), metric)
+    return alg
+
+
+def name_objective(study, metric: str = OBJECTIVE) -> None:
+    """Name the study's value (optuna-dashboard and Optuna's plots show it instead of "Objective 0")."""
+    with warnings.catch_warnings():  # set_metric_names is flagged experimental
+        warnings.simplefilter("ignore")
+        if study.metric_names != [metric]:
+            study.set_metric_names([metric])
