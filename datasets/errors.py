@@ -37,3 +37,36 @@ def run_cli(main: Callable[..., int | None]) -> Callable[..., int]:
             return 130
 
     return wrapper
+
+
+def check_writable(path, option: str, directory: bool = False):
+    """Refuse, in one UserError line and before any work, an output that cannot be written.
+
+    ``path``: a file to be written (its folder must exist and take a new file; an existing ``path`` must be a
+    file), or with ``directory`` a folder (created if missing). Tested by writing and removing a temporary file
+    there, since permission bits do not tell (root, read-only mounts, /proc). ``option``: the command-line option
+    that named it, e.g. "--out". Returns the path as a Path.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    folder = path if directory else path.parent
+    what = "folder" if directory else "file"
+    if not directory and path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file path")
+    try:
+        if directory:
+            folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no folder {folder}")
+        fd, probe = tempfile.mkstemp(prefix=".pcam-tune-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+        if not directory and path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise UserError(f"{option} {path}: cannot write this {what} ({reason}); choose a writable path") from None
+    return path

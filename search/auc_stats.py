@@ -19,6 +19,8 @@ import numpy as np
 
 LEVEL = 0.95
 N_BOOT = 1000
+MIN_UNITS = 5  # fewer slides (or patches) than this: no interval; resampling 2 slides says nothing
+MIN_VALID = 0.9  # share of resamples that must keep both classes, else the interval is biased: none
 
 
 class AucEstimate(NamedTuple):
@@ -27,11 +29,14 @@ class AucEstimate(NamedTuple):
     hi: float
     n: int
     by: str  # "slide" | "patch": what the bootstrap resampled
+    units: int = 0  # how many slides (or patches) it resampled
 
     def text(self) -> str:
-        """'0.9312 (95 % CI 0.9120-0.9480)'; the same words in the terminal, the leaderboard and MLflow."""
+        """'0.9312 (95 % CI 0.9120-0.9480, ...)'; the same words in the terminal, the leaderboard and MLflow."""
+        if math.isnan(self.auc):
+            return "n/a (one class only)"
         if math.isnan(self.lo):
-            return f"{self.auc:.4f}"
+            return f"{self.auc:.4f} (no 95 % CI: {self.units} {self.by}(s), too few to resample)"
         return f"{self.auc:.4f} (95 % CI {self.lo:.4f}-{self.hi:.4f}, {self.by} bootstrap, n={self.n:,})"
 
     def metrics(self, prefix: str) -> dict[str, float]:
@@ -61,14 +66,16 @@ def auc_interval(labels, probs, groups=None, n_boot: int = N_BOOT, seed: int = 0
     def auc_of(weights: np.ndarray) -> float:
         return _weighted_auc(np.bincount(inv, weights * pos, minlength=m), np.bincount(inv, weights * ~pos, minlength=m))
 
+    groups = _known_groups(groups, n)
     point = auc_of(np.ones(n))
     by = "patch" if groups is None else "slide"
-    if math.isnan(point):
-        return AucEstimate(point, math.nan, math.nan, n, by)
-    rng = np.random.default_rng(seed)
     if groups is not None:
-        _, g_inv = np.unique(np.asarray(groups), return_inverse=True)
-        n_groups = g_inv.max() + 1
+        _, g_inv = np.unique(groups, return_inverse=True)
+        n_groups = int(g_inv.max()) + 1
+    units = n if groups is None else n_groups
+    if math.isnan(point) or units < MIN_UNITS:
+        return AucEstimate(point, math.nan, math.nan, n, by, units)
+    rng = np.random.default_rng(seed)
     draws = np.empty(n_boot)
     for b in range(n_boot):
         if groups is None:
@@ -77,10 +84,21 @@ def auc_interval(labels, probs, groups=None, n_boot: int = N_BOOT, seed: int = 0
             w = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[g_inv].astype(np.float64)
         draws[b] = auc_of(w)
     draws = draws[~np.isnan(draws)]
-    if len(draws) < n_boot // 2:  # most resamples lost a class (one or two slides): no honest interval
-        return AucEstimate(point, math.nan, math.nan, n, by)
+    if len(draws) < MIN_VALID * n_boot:  # many resamples lost a class (few slides hold it): no honest interval
+        return AucEstimate(point, math.nan, math.nan, n, by, units)
     lo, hi = np.quantile(draws, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return AucEstimate(point, float(lo), float(hi), n, by)
+    return AucEstimate(point, float(lo), float(hi), n, by, units)
+
+
+def _known_groups(groups, n: int) -> np.ndarray | None:
+    """Slide ids with each unmapped patch ('' in datasets' slide maps) its own cluster; None when none is known."""
+    if groups is None:
+        return None
+    groups = np.asarray(groups).astype(str)
+    unknown = groups == ""
+    if unknown.all():
+        return None
+    return np.where(unknown, np.char.add("\0", np.arange(n).astype(str)), groups)
 
 
 def hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:

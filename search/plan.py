@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import defaults
-from datasets.errors import UserError
-from search import cluster, resources, searcher, settings
+from datasets.errors import UserError, check_writable
+from search import cluster, holdout, resources, searcher, settings
 from search.spaces import SpaceOptions, get_space, pretrained_backbones_used, resolve_backbones
 from search.storage import check_storage_path, join as join_storage
 
@@ -92,7 +92,7 @@ def _newest_experiment(storage_path: str, space: str | None) -> str | None:
 def plan_search(args, argv) -> Plan:
     """Check every option and decide the search (``argv``: the command line, for cluster address checks)."""
     args.address = cluster.cluster_address(args.address, sys.argv[1:] if argv is None else argv)
-    results = defaults.results_root(args.results_dir)
+    results = check_writable(defaults.results_root(args.results_dir), "--results-dir", directory=True)
     storage = args.storage_path or str(results / "ray")
     if not _is_uri(storage):
         storage = str(Path(storage).resolve())
@@ -126,6 +126,7 @@ def plan_search(args, argv) -> Plan:
     if args.reduction_factor is not None and args.reduction_factor <= 1:
         raise UserError(f"--reduction-factor {args.reduction_factor} must be more than 1 (e.g. 2 or 3)")
     time_budget_s = parse_duration(args.time_budget)
+    holdout.check_options(args.holdout, getattr(args, "holdout_top", holdout.DEFAULT_TOP))
     max_epochs = args.max_epochs or space.max_epochs
     grace = args.grace_period or min(space.grace_period, max_epochs)
     if grace > max_epochs:

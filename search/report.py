@@ -7,7 +7,6 @@ ends by depth and objective, then trials without a trustworthy objective); best_
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,9 @@ from search.outcome import OBJECTIVE, Outcome, decide
 TOP_K = 10
 # Per-epoch metrics the trainable reports (docs/architecture.md); logged to MLflow and plotted.
 EPOCH_METRICS = ("val_auc", "val_loss", "val_acc", "train_loss", "lr", "epoch_seconds", "images_per_s")
+# The objective so far and its epoch, logged every epoch too: the MLflow runs table then shows (and sorts by) the
+# value the leaderboard ranks, not the last epoch's val_auc.
+OBJECTIVE_METRICS = (OBJECTIVE, "best_epoch")
 
 
 def unfinished_trials(experiment_path: str) -> set[str]:
@@ -125,6 +127,40 @@ def winner(summaries: list[TrialSummary]) -> TrialSummary | None:
     return first if first is not None and rank_key(first)[0] < 2 else None
 
 
+def attach_val_se(summaries: list[TrialSummary], cache, holdout_rows=()) -> None:
+    """Each trial's val AUC standard error (search.auc_stats.hanley_mcneil_se: the AUC and the class counts of
+    the validation split the trial used) into ``extra["val_auc_se"]``."""
+    from datasets.splits import train_val_split
+    from search.auc_stats import hanley_mcneil_se
+    from trainables.train import DEFAULTS
+
+    counts: dict[tuple, tuple[int, int]] = {}
+    for s in summaries:
+        key = (float(s.config.get("val_fraction", DEFAULTS["val_fraction"])), int(s.config.get("seed", DEFAULTS["seed"])))
+        if key not in counts:
+            _, val = train_val_split(cache, key[0], key[1], exclude=holdout_rows)
+            n_pos = int((cache.labels[val] == 1).sum())
+            counts[key] = (n_pos, len(val) - n_pos)
+        s.extra["val_auc_se"] = hanley_mcneil_se(s.best_val_auc, *counts[key])
+
+
+def close_call(summaries: list[TrialSummary], name: str) -> str | None:
+    """One line when other ranked trials lie within one standard error of the winner's val AUC: their order is
+    partly a draw of the validation patches, so an ensemble of them is the safer pick."""
+    from search.auc_stats import within_one_se
+
+    best = winner(summaries)
+    if best is None:
+        return None
+    ranked = [s.best_val_auc for s in summaries if rank_key(s)[0] < 2]
+    se = best.extra.get("val_auc_se", float("nan"))
+    n = within_one_se(ranked, se)
+    if n < 2:
+        return None
+    return (f"{n} trials lie within one standard error ({se:.4f}) of the winner's val AUC {best.best_val_auc:.4f}: "
+            f"their order is partly chance; an ensemble of them: python -m search.refit_best --name {name} --top-k {n}")
+
+
 def searched_keys(summaries: list[TrialSummary]) -> list[str]:
     """Config keys that vary across trials: the ones worth a leaderboard column."""
     keys = sorted({k for s in summaries for k in s.config})
@@ -138,6 +174,13 @@ def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
         row = {"rank": rank, "trial_id": s.trial_id, "best_val_auc": round(s.best_val_auc, 4),
                "best_epoch": s.best_epoch, "epochs_run": s.epochs_run, "status": s.status,
                "stopped_at_rung": s.outcome.rung, "backbone": s.config.get("backbone")}
+        if "val_auc_se" in s.extra:
+            row["val_auc_se"] = round(s.extra["val_auc_se"], 4)
+        if any("holdout" in x.extra for x in summaries):
+            est = s.extra.get("holdout")
+            row.update(holdout_auc=None if est is None else round(est.auc, 4),
+                       holdout_ci_low=None if est is None else round(est.lo, 4),
+                       holdout_ci_high=None if est is None else round(est.hi, 4))
         if any(x.nodes for x in summaries):
             row["nodes"] = nodes_text(s.nodes)
         for k in keys:
@@ -153,13 +196,19 @@ def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
 def format_leaderboard(board: pd.DataFrame, top_k: int = TOP_K) -> str:
     shown = board.head(top_k).copy()
     shown["status"] = shown["status"].str.slice(0, 60)
+    if "holdout_auc" in shown.columns:  # one column: the estimate and its interval
+        shown["holdout_auc"] = [("" if a is None or a != a else f"{a:.4f} [no CI]" if lo is None or lo != lo
+                                 else f"{a:.4f} [{lo:.4f}-{hi:.4f}]")
+                                for a, lo, hi in zip(shown["holdout_auc"], shown["holdout_ci_low"], shown["holdout_ci_high"])]
+        shown = shown.drop(columns=["holdout_ci_low", "holdout_ci_high"])
     if "nodes" in shown.columns:  # where trials ran matters on a cluster only
         ids = {n for v in board["nodes"].dropna() for n in str(v).split(">") if n}
         if len(ids) > 1:
             shown["nodes"] = shown["nodes"].map(lambda v: nodes_text(str(v).split(">"), short=True))
         else:
             shown = shown.drop(columns="nodes")
-    title = f"Leaderboard (top {min(top_k, len(board))} of {len(board)} trials, by best val_auc)"
+    title = (f"Leaderboard (top {min(top_k, len(board))} of {len(board)} trials; ranked: completed first, then "
+             f"deepest epoch, then best val_auc; holdout_auc with its 95 % interval)")
     return title + "\n" + shown.to_string(index=False)
 
 
@@ -175,7 +224,8 @@ def best_config_record(best: TrialSummary, **context) -> dict:
         "validation": context.get("validation"), "cache_path": context["cache_path"],
         "data_fingerprint": context["data_fingerprint"], "tracking_uri": context["tracking_uri"],
         "mlflow_experiment": context["name"], "parent_run_id": context["parent_run_id"],
-        "child_run_id": context.get("child_run_id"),
+        "child_run_id": context.get("child_run_id"), "val_auc_se": best.extra.get("val_auc_se"),
+        "holdout": context.get("holdout"),
     }
 
 

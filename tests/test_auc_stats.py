@@ -50,9 +50,13 @@ def test_slide_bootstrap_is_wider_when_patches_of_a_slide_agree():
     assert (by_slide.hi - by_slide.lo) > 2 * (by_patch.hi - by_patch.lo)
 
 
-def test_one_class_has_no_interval_and_text_says_the_interval():
+def test_one_class_or_too_few_slides_have_no_interval_and_say_why():
     est = auc_interval([1, 1, 1], [0.2, 0.5, 0.9])
-    assert math.isnan(est.auc) and math.isnan(est.lo)
+    assert math.isnan(est.auc) and math.isnan(est.lo) and est.text() == "n/a (one class only)"
+    rng = np.random.default_rng(4)
+    y, s = _scores(60, 1.0, rng)
+    two = auc_interval(y, s, groups=np.repeat(["a", "b"], 30))  # a 2-slide bootstrap is all-or-nothing: no CI
+    assert math.isnan(two.lo) and two.units == 2 and "no 95 % CI: 2 slide(s)" in two.text()
     good = auc_interval([0, 1, 0, 1, 1, 0], [0.1, 0.8, 0.3, 0.7, 0.9, 0.2], n_boot=100)
     assert "95 % CI" in good.text() and set(good.metrics("holdout_auc")) == {
         "holdout_auc", "holdout_auc_ci_low", "holdout_auc_ci_high"}
@@ -62,3 +66,13 @@ def test_within_one_se_counts_the_winner_and_its_close_rivals():
     assert within_one_se([0.93, 0.925, 0.921, 0.90], 0.01) == 3
     assert within_one_se([0.93, 0.95, 0.80], 0.01) == 2  # a higher value (a stopped trial ranked lower) counts too
     assert within_one_se([0.93], float("nan")) == 0
+
+
+def test_unmapped_patches_are_their_own_slides():
+    """A slide map that misses some ids ('' in the cache) must not lump them into one giant slide."""
+    rng = np.random.default_rng(3)
+    y, s = _scores(300, 1.0, rng)
+    groups = np.where(np.arange(300) < 150, (np.arange(300) // 10).astype(str), "")
+    est, patch = auc_interval(y, s, groups=groups), auc_interval(y, s)
+    assert est.by == "slide" and 0.5 < (est.hi - est.lo) / (patch.hi - patch.lo) < 2
+    assert auc_interval(y, s, groups=np.full(300, "")).by == "patch"
