@@ -83,6 +83,8 @@ def record(fraction: float, rows: np.ndarray, cache, estimate: AucEstimate | Non
     """best_config.json's "holdout" entry (refit_best prints it next to its own figures)."""
     if not len(rows):
         return None
+    number = lambda v: None if v is None or v != v else float(v)  # noqa: E731  (JSON: null, not NaN)
     return {"fraction": fraction, "n": int(len(rows)), "by": "slide" if cache.groups is not None else "patch",
-            "auc": None if estimate is None else estimate.auc,
-            "ci_low": None if estimate is None else estimate.lo, "ci_high": None if estimate is None else estimate.hi}
+            "auc": None if estimate is None else number(estimate.auc),
+            "ci_low": None if estimate is None else number(estimate.lo),
+            "ci_high": None if estimate is None else number(estimate.hi)}

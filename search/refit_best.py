@@ -132,6 +132,9 @@ def check_args(args) -> None:
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from search.tracking import quiet_artifact_bars
+
+    quiet_artifact_bars()
     args = get_args_parser().parse_args(argv)
     check_args(args)
     t0 = time.perf_counter()

@@ -171,6 +171,7 @@ def holdout_line(holdout: dict | None) -> str:
     """The search's own estimate (best_config.json "holdout"), to read next to the refit's figures."""
     if not holdout or holdout.get("auc") is None:
         return "search holdout: none (the search ran with --holdout 0, or before holdouts existed)"
-    return (f"search holdout estimate of the chosen trial's checkpoint: AUC {holdout['auc']:.4f} "
-            f"(95 % CI {holdout['ci_low']:.4f}-{holdout['ci_high']:.4f}) on {holdout['n']:,} patches no trial saw "
-            f"(the refit model trains on them too)")
+    lo, hi = holdout.get("ci_low"), holdout.get("ci_high")
+    interval = "no 95 % CI: too few slides" if lo is None or lo != lo else f"95 % CI {lo:.4f}-{hi:.4f}"
+    return (f"search holdout estimate of the chosen trial's checkpoint: AUC {holdout['auc']:.4f} ({interval}) on "
+            f"{holdout['n']:,} patches no trial saw (the refit model trains on them too)")

@@ -174,6 +174,14 @@ def reconcile_children(tracking_uri: str, experiment_name: str, parent_run_id: s
             mlf.set_terminated(run.info.run_id, outcome.mlflow_status)
 
 
+def quiet_artifact_bars() -> None:
+    """Off a terminal, no MLflow artifact download bar (datasets.progress says why bars stay off there)."""
+    from datasets.progress import on_terminal
+
+    if not on_terminal():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def finish_parent(tracking_uri: str, parent_run_id: str, *, metrics: dict, tags: dict, artifacts: list[Path],
                   status: str = "FINISHED", tables: dict | None = None) -> None:
     """Final metrics, tags, artifacts and ``tables`` ({"leaderboard.json": DataFrame}: MLflow's table artifacts,
