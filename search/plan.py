@@ -92,7 +92,7 @@ def _newest_experiment(storage_path: str, space: str | None) -> str | None:
 def plan_search(args, argv) -> Plan:
     """Check every option and decide the search (``argv``: the command line, for cluster address checks)."""
     args.address = cluster.cluster_address(args.address, sys.argv[1:] if argv is None else argv)
-    results = check_writable(defaults.results_root(args.results_dir), "--results-dir", directory=True)
+    results = defaults.results_root(args.results_dir)
     storage = args.storage_path or str(results / "ray")
     if not _is_uri(storage):
         storage = str(Path(storage).resolve())
@@ -143,6 +143,7 @@ def plan_search(args, argv) -> Plan:
 
     # On a cluster the resources are only known once connected (start_ray); locally check them now.
     cpt, gpt, conc = (0.0, 0.0, 0) if args.address else resources.resource_defaults(args, *resources.local_hardware(), num_samples)
+    check_writable(results, "--results-dir", directory=True)  # the last check: before any work, not after it
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Plan(args=args, space=space, opts=opts, backbones=backbones, num_samples=num_samples,
                 max_epochs=max_epochs, grace_period=grace,

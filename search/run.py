@@ -125,8 +125,8 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     # Before Ray (a UserError is one line); the fraction used is what search.json keeps for --resume.
     plan.args.holdout, holdout_rows, note = holdout.choose(cache, plan.args.holdout, plan.args.seed)
-    if note:
-        print(note, file=sys.stderr, flush=True)
+    if note:  # a warning on stderr (as the patch-validation one), a note with the rest of the story on stdout
+        print(note, file=sys.stderr if note.startswith("warning") else sys.stdout, flush=True)
     start_ray(plan)
     check_nodes(plan, cache, data_dir)
     params = {"space": plan.space.name, "backbones": ",".join(plan.backbones), "pretrained": plan.opts.pretrained,

@@ -99,3 +99,23 @@ def test_rank_key_tiers_are_the_states_tpe_is_told():
                    (rank_key(Outcome("diverged", 1), 0.99), "diverged")]) == [
         (rank_key(Outcome("completed", 4), 0.7), "completed"), (rank_key(deep, 0.80), "deep"),
         (rank_key(shallow, 0.95), "shallow"), (rank_key(Outcome("diverged", 1), 0.99), "diverged")]
+
+
+def _summary(trial_id, kind, epoch, auc, se=0.01):
+    import pandas as pd
+
+    s = report.TrialSummary(trial_id, {"backbone": "baseline_bn"}, Outcome(kind, epoch), auc, epoch, epoch,
+                            pd.DataFrame(), None)
+    s.extra["val_auc_se"] = se
+    return s
+
+
+def test_close_call_line_names_the_trials_within_one_standard_error():
+    summaries = sorted([_summary("a", "completed", 4, 0.930), _summary("b", "completed", 4, 0.925),
+                        _summary("c", "stopped", 1, 0.935), _summary("d", "completed", 4, 0.90),
+                        _summary("e", "diverged", 2, 0.99)], key=report.rank_key)
+    assert [s.trial_id for s in summaries] == ["a", "b", "d", "c", "e"]
+    line = report.close_call(summaries, "demo")
+    assert line.startswith("3 trials lie within one standard error (0.0100) of the winner's val AUC 0.9300")
+    assert line.endswith("python -m search.refit_best --name demo --top-k 3") and "\n" not in line
+    assert report.close_call([_summary("a", "completed", 4, 0.93), _summary("d", "completed", 4, 0.90)], "x") is None
