@@ -17,7 +17,7 @@ from pathlib import Path
 
 from datasets import defaults
 from datasets.errors import UserError, run_cli
-from search import holdout, insight, private_api, report, searcher, tracking
+from search import error_bars, holdout, insight, private_api, report, searcher, tracking
 from search.outcome import OBJECTIVE
 from search.plan import Plan, plan_search
 from search.settings import load_settings, save_settings
@@ -175,7 +175,7 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
 def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path, holdout_rows=()) -> dict:
     from datasets.splits import validation_kind
 
-    report.attach_val_se(summaries, cache, holdout_rows)
+    error_bars.attach_val_se(summaries, cache, holdout_rows)
     if len(holdout_rows) and not plan.interrupted:  # estimates the top trials; the ranking stays the search's
         for trial_id, est in holdout.score_top(summaries, cache, holdout_rows, plan.args.holdout_top).items():
             next(s for s in summaries if s.trial_id == trial_id).extra["holdout"] = est
@@ -228,7 +228,7 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path,
           + (f"\nholdout AUC {best.extra['holdout'].text()}: {len(holdout_rows):,} patches no trial saw, an estimate "
              f"the choice never touched" if "holdout" in best.extra else "")
           + f"\nleaderboard: {board_path}\nbest config: {best_path}\n{explained.summary()}")
-    close = report.close_call(summaries, plan.name)
+    close = error_bars.close_call(summaries, plan.name)
     if close:
         print(close)
     if interrupted:

@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from search import ensemble, refit_find, report, searcher
+from search import ensemble, error_bars, refit_find, report, searcher
 from search.outcome import Outcome, rank_key
 from trainables.toy import toy_auc
 
@@ -115,7 +115,7 @@ def test_close_call_line_names_the_trials_within_one_standard_error():
                         _summary("c", "stopped", 1, 0.935), _summary("d", "completed", 4, 0.90),
                         _summary("e", "diverged", 2, 0.99)], key=report.rank_key)
     assert [s.trial_id for s in summaries] == ["a", "b", "d", "c", "e"]
-    line = report.close_call(summaries, "demo")
+    line = error_bars.close_call(summaries, "demo")
     assert line.startswith("3 trials lie within one standard error (0.0100) of the winner's val AUC 0.9300")
     assert line.endswith("python -m search.refit_best --name demo --top-k 3") and "\n" not in line
-    assert report.close_call([_summary("a", "completed", 4, 0.93), _summary("d", "completed", 4, 0.90)], "x") is None
+    assert error_bars.close_call([_summary("a", "completed", 4, 0.93), _summary("d", "completed", 4, 0.90)], "x") is None
