@@ -33,7 +33,7 @@ CONFIG = {"backbone": "baseline_bn", "epochs": 6, "batch_size": 64, "lr": 2e-3, 
           "precision": "auto"}
 
 
-def measure(data_dir: str, seeds: list[int], out: Path, epochs: int) -> list[dict]:
+def measure(data_dir: str, seeds: list[int], out: Path, epochs: int, variants: list[str] | None = None) -> list[dict]:
     cache = prepare_dataset(data_dir, progress=False)
     train_idx, val_idx = train_val_split(cache, 0.2, seed=0)
     test_idx = cache.indices("test")
@@ -42,6 +42,8 @@ def measure(data_dir: str, seeds: list[int], out: Path, epochs: int) -> list[dic
     try:
         for seed in seeds:
             for name, (shift, zoom) in VARIANTS.items():
+                if variants and name.split()[0] not in variants:
+                    continue
                 augment.MAX_SHIFT, augment.MAX_ZOOM = shift, zoom
                 cfg = {**CONFIG, "epochs": epochs, "seed": seed}
                 t0 = time.perf_counter()
@@ -59,6 +61,21 @@ def measure(data_dir: str, seeds: list[int], out: Path, epochs: int) -> list[dic
     return rows
 
 
+def paired_difference(labels, probs_a, probs_b, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """AUC(a) - AUC(b) on the same test patches, with a 95 % paired bootstrap interval (patches resampled once for
+    both, so the noise of the test set itself mostly cancels)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    diff = roc_auc_score(labels, probs_a) - roc_auc_score(labels, probs_b)
+    draws = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(labels), len(labels))
+        if 0 < labels[i].sum() < len(i):
+            draws.append(roc_auc_score(labels[i], probs_a[i]) - roc_auc_score(labels[i], probs_b[i]))
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    return float(diff), float(lo), float(hi)
+
+
 @run_cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m trainables.augment_measure", description=__doc__.split("\n\n")[0])
@@ -66,8 +83,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True, help="json of the runs (per-run test probabilities beside it)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=CONFIG["epochs"])
+    p.add_argument("--variants", nargs="+", choices=[v.split()[0] for v in VARIANTS], help="default: all")
     a = p.parse_args(argv)
-    measure(a.data_dir, a.seeds, a.out, a.epochs)
+    measure(a.data_dir, a.seeds, a.out, a.epochs, a.variants)
 
 
 if __name__ == "__main__":
