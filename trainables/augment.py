@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 # Maximal magnitudes at strength 1. Shift and zoom were 8 px and 15 % (a pixel up to 11 px outside the label's
-# square could land inside it); on the real sample 2 px / 5 % measured the same test AUC (docs/training.md).
+# square could land inside it); on the real sample 2 px / 5 % measured at least as well (docs/training.md).
 MAX_SHIFT = 2               # px
 MAX_ZOOM = 0.05             # scale in [1/(1+z), 1+z]
 MAX_BRIGHTNESS = 0.15
