@@ -25,23 +25,31 @@ class DataError(UserError):
     """The data on disk is missing, malformed or inconsistent."""
 
 
-def check_writable(path: str | os.PathLike, option: str) -> Path:
-    """``path`` as a file this process can create or replace (its missing folders may be created), checked by
-    creating a temporary file beside it, so a long job fails at its start, not at its end."""
-    path = Path(path)
-    if path.is_dir():
+def check_writable(path: str | os.PathLike, option: str, directory: bool = False) -> Path:
+    """Refuse, in one UserError line and before any work, an output that cannot be written, so a long job fails at
+    its start, not at its end. ``path``: a file to create or replace (its missing folders are created when it is
+    written, as the writers do), or with ``directory`` a folder (created now if missing). Tested by creating and
+    removing a temporary file there, since permission bits do not tell (root, read-only mounts, /proc).
+    ``option``: the command-line option that named it, e.g. "--out"."""
+    path = Path(path).expanduser()
+    if not directory and path.is_dir():
         raise UserError(f"{option} {path}: is a folder; give a file name")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:  # the folders write_* would create
+    folder = path if directory else path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders the writer would create
         folder = folder.parent
     if not folder.is_dir():
         raise UserError(f"{option} {path}: {folder} is a file, not a folder; choose another path")
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.check-"):
+        if directory:
+            path.mkdir(parents=True, exist_ok=True)
+            folder = path
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pcam-tune-write-check-"):
             pass
+        if not directory and path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
     except OSError as e:
-        raise UserError(f"{option} {path}: cannot write into {folder} ({e.strerror or type(e).__name__}); "
-                        f"choose another path") from None
+        raise UserError(f"{option} {path}: cannot write into {folder} ({e.strerror or e}); "
+                        "choose a writable path") from None
     return path
 
 
@@ -60,3 +68,4 @@ def run_cli(main: Callable[..., int | None]) -> Callable[..., int]:
             return 130
 
     return wrapper
+

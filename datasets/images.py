@@ -50,13 +50,13 @@ def decode_workers() -> int:
 def read_patches_into(out: np.ndarray, paths: Sequence[str | os.PathLike], progress: bool = True,
                       desc: str = "decode") -> None:
     """Decode ``paths`` in parallel into ``out`` (len(paths), 96, 96, 3), e.g. a memmap being built."""
-    from tqdm.auto import tqdm
+    from datasets.progress import bar as progress_bar
 
     def one(i: int) -> None:
         out[i] = read_patch(paths[i])
 
     with ThreadPoolExecutor(decode_workers()) as pool, \
-            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+            progress_bar(total=len(paths), desc=desc, unit="img", enabled=progress, leave=False) as bar:
         # map() re-raises the first DataError in order, so the message names the first bad file.
         for _ in pool.map(one, range(len(paths)), chunksize=64):
             bar.update()

@@ -144,10 +144,10 @@ def source(data_dir: Path):
     files = [f for p in pairs.values() for f in p[:2]]
 
     def fill(out: np.ndarray, progress: bool) -> None:
-        from tqdm.auto import tqdm
+        from datasets.progress import bar as progress_bar
 
         start = 0
-        with tqdm(total=len(out), desc="copy PCam h5", unit="img", disable=not progress, leave=False) as bar:
+        with progress_bar(total=len(out), desc="copy PCam h5", unit="img", enabled=progress, leave=False) as bar:
             for s, (x, y, lab) in pairs.items():
                 with _Opened(x, "x") as ds:
                     _check_images(x, ds, len(lab), y)

@@ -44,7 +44,7 @@ def read_pcam_slides(pcam_dir: Path, progress: bool = True):
         raise UserError(f"--pcam-h5 {pcam_dir}: no camelyonpatch_level_2_split_*_x.h5[.gz] files there")
     by_hash: dict[bytes, str] = {}
     sigs, slides, blocks = [], [], []
-    from tqdm.auto import tqdm
+    from datasets.progress import bar as progress_bar
 
     for split in pcam_h5.SPLITS:
         x = pcam_h5._file(pcam_dir, split, "x")
@@ -55,7 +55,7 @@ def read_pcam_slides(pcam_dir: Path, progress: bool = True):
             if wsi is None:
                 raise DataError(f"{pcam_h5.meta_file(pcam_dir, split)}: not found; the slide of each PCam patch comes "
                                 f"from the release's meta csvs: put them beside the .h5 files")
-            for i in tqdm(range(0, len(ds), 4096), desc=f"hash PCam {split}", disable=not progress, leave=False):
+            for i in progress_bar(range(0, len(ds), 4096), desc=f"hash PCam {split}", enabled=progress, leave=False):
                 block = np.asarray(ds[i:i + 4096])
                 for j, patch in enumerate(block):
                     by_hash.setdefault(pixel_hash(patch), wsi[i + j])

@@ -58,17 +58,40 @@ PATCH_WARNING = ("warning: validation is by patch (no slide map): neighbouring p
                  "(id,slide; python -m datasets.slide_map recovers it from the PCam release)")
 
 
-def train_val_split(cache, val_fraction: float = 0.2, seed: int = 0, use_groups: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (into cache.images) of training and validation patches.
+def holdout_split(cache, fraction: float, seed: int = 0) -> np.ndarray:
+    """Row indices of the search's untouched holdout: ``fraction`` of the 'train' rows, by slide when slides are
+    known (no slide on both sides), else stratified by patch. No trial trains or validates on them
+    (train_val_split's ``exclude``); the search scores its top trials on them at the end. Empty for 0."""
+    if fraction == 0:
+        return np.empty(0, dtype=np.int64)
+    if not 0 < fraction < 0.5:
+        raise UserError(f"--holdout {fraction}: must be 0 (no holdout) or a fraction below 0.5 (e.g. 0.1)")
+    rows = cache.indices("train")
+    labels = cache.labels[rows]
+    if cache.groups is not None:
+        _, held = group_split(labels, cache.groups[rows], fraction, seed)
+    else:
+        _, held = stratified_split(labels, fraction, seed)
+    if len(np.unique(labels[held])) < 2:
+        raise UserError(f"--holdout {fraction}: the holdout ({len(held)} patches) lacks one class, so its AUC is "
+                        f"undefined; use a larger fraction, or --holdout 0")
+    return rows[held]
+
+
+def train_val_split(cache, val_fraction: float = 0.2, seed: int = 0, use_groups: bool = True,
+                    exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (into cache.images) of training and validation patches, none of them in ``exclude`` (the
+    search's holdout).
 
     Official 'valid' split if the cache has one; else by slide when cache.groups is known; else stratified.
     """
+    exclude = np.empty(0, dtype=np.int64) if exclude is None else np.asarray(exclude)
     valid = cache.indices("valid")
     if len(valid):
-        return cache.indices("train"), valid
+        return np.setdiff1d(cache.indices("train"), exclude), np.setdiff1d(valid, exclude)
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction {val_fraction}: must be between 0 and 1 (e.g. 0.2)")
-    rows = cache.indices("train")
+    rows = np.setdiff1d(cache.indices("train"), exclude)
     labels = cache.labels[rows]
     if cache.groups is not None and use_groups:
         tr, va = group_split(labels, cache.groups[rows], val_fraction, seed)

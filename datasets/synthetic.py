@@ -249,7 +249,8 @@ def patch_ids(n: int, seed: int) -> list[str]:
     return [hashlib.sha1(f"pcam-tune-synthetic-{seed}-{i}".encode()).hexdigest() for i in range(n)]
 
 
-def write_kaggle_layout(out: str | os.PathLike, n: int = 2000, seed: int = 0, test_fraction: float = 0.2) -> dict:
+def write_kaggle_layout(out: str | os.PathLike, n: int = 2000, seed: int = 0, test_fraction: float = 0.2,
+                        n_slides: int | None = None) -> dict:
     """Write the Kaggle layout (train/, test/, train_labels.csv, sample_submission.csv, test_labels.csv,
     slide_map.csv) into ``out``. Test patches come from their own slides, as in PCam. Returns a summary."""
     from PIL import Image
@@ -258,7 +259,7 @@ def write_kaggle_layout(out: str | os.PathLike, n: int = 2000, seed: int = 0, te
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; pass an empty or new --out folder")
     t0 = time.perf_counter()
-    data = generate(n, seed)
+    data = generate(n, seed, n_slides=n_slides)
     ids = patch_ids(n, seed)
     n_slides = int(data.slides.max()) + 1
     test_slides = np.random.default_rng([seed, 1]).permutation(n_slides)[: max(1, round(n_slides * test_fraction))]

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from datasets.errors import UserError
+from search.auc_stats import auc_interval
 
 ENSEMBLE_FORMAT = "pcam-tune-ensemble/1"
 
@@ -180,8 +181,10 @@ def fit_members(members: list[Member], train: Callable[[Member], object],
     return out
 
 
-def out_of_fold(trained: list[Trained], labels_of: Callable[[np.ndarray], np.ndarray]) -> dict:
-    """Each labelled row's prediction by the one member that held it out; pooled and per-fold AUC.
+def out_of_fold(trained: list[Trained], labels_of: Callable[[np.ndarray], np.ndarray],
+                groups_of: Callable[[np.ndarray], np.ndarray | None] = lambda rows: None) -> dict:
+    """Each labelled row's prediction by the one member that held it out; pooled AUC with its 95 % bootstrap
+    interval (whole slides resampled when ``groups_of`` knows them: search.auc_stats) and per-fold AUC.
 
     Raises if a row was held out twice or a member held out a row it trained on: the estimate is only
     honest when every prediction comes from a network that never saw the row.
@@ -201,8 +204,9 @@ def out_of_fold(trained: list[Trained], labels_of: Callable[[np.ndarray], np.nda
     labels = labels_of(rows)
     fold_aucs = [float(roc_auc_score(labels[fold == i], probs[fold == i]))
                  if len(np.unique(labels[fold == i])) == 2 else None for i in range(1, len(trained) + 1)]
+    est = auc_interval(labels, probs, groups_of(rows))
     return {"rows": rows, "fold": fold, "probs": probs, "labels": labels,
-            "oof_auc": float(roc_auc_score(labels, probs)), "fold_aucs": fold_aucs}
+            "oof_auc": float(roc_auc_score(labels, probs)), "oof_estimate": est, "fold_aucs": fold_aucs}
 
 
 def average(probs: list[np.ndarray]) -> np.ndarray:

@@ -11,13 +11,18 @@ if TYPE_CHECKING:
     from search.plan import Plan
 
 
+METRIC_COLUMNS = {"epoch": "epoch", "val_auc": "val_auc", OBJECTIVE: "best", "val_loss": "val_loss",
+                  "train_loss": "train_loss"}
+
+
 def make_reporter(plan: Plan):
     from ray import tune
 
     # No sort_by_metric: Ray sorts with None for trials cut before reporting and crashes.
+    # No column of the trainable's own trial_status: it is what the last epoch said ("running" for a trial ASHA
+    # then stopped), beside Ray's status column (TERMINATED); Ray's is the true one, the leaderboard says how.
     return tune.CLIReporter(
-        metric_columns={"epoch": "epoch", "val_auc": "val_auc", OBJECTIVE: "best", "val_loss": "val_loss",
-                        "train_loss": "train_loss", "trial_status": "status"},
+        metric_columns=METRIC_COLUMNS,
         parameter_columns=table_columns(plan), max_report_frequency=15)
 
 

@@ -33,16 +33,24 @@ is `best_val_auc`: the best validation AUC a trial reached up to that epoch, at 
 the checkpoint a trial keeps is its best epoch's, so that is the model the search actually found, and the
 refit reproduces exactly that epoch (same schedule horizon, stopped at best_epoch). With the cosine schedule
 the last epochs rarely differ much; where they do, the best epoch is the one worth having.
+
+The ranking rule (`rank_key`, the only one: the leaderboard, best_config.json, refit_best, --top-k and
+refit's cross-check sort by it, and the states TPE is told order trials the same way in Optuna): trials that
+completed their schedule first, by objective; then trials that ended early, deepest epoch first, then by
+objective; then those without a trustworthy objective. Why depth before value: a trial ASHA stopped at epoch 2 of
+an 8-epoch cosine schedule was compared at that rung and lost to the trials that went on; its best AUC was
+measured at a high learning rate, and refitting it means reproducing a model the schedule never finished. This
+is also Optuna's own order (COMPLETE by value, then PRUNED by deepest step, then value there), so TPE's best
+trial and the leaderboard's first row are the same trial (tests/test_ranking.py).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 OBJECTIVE, MODE = "best_val_auc", "max"
 STOP_MARK = "stopped_by_scheduler"  # set in the result at which ASHA decided STOP (search.searcher)
-_OPTUNA = {"completed": "COMPLETE", "stopped": "PRUNED", "budget": "PRUNED", "cut": "PRUNED",
-           "diverged": "FAIL", "errored": "FAIL", "silent": "FAIL", "gpu_memory": "FAIL"}
 # trainables.device.OutOfGPUMemory's message starts with this (and names backbone, batch size); torch's own
 # error (raised outside fit) is torch.OutOfMemoryError / torch.cuda.OutOfMemoryError. Not a bare
 # "OutOfMemoryError": Ray's ray.exceptions.OutOfMemoryError is its memory monitor killing a worker when the node
@@ -81,7 +89,10 @@ class Outcome:
         """Optuna TrialState name to tell, or None: leave the trial RUNNING (a resume continues it)."""
         if self.kind == "unstarted":
             return "FAIL" if self.search_over else None
-        return _OPTUNA.get(self.kind)
+        if self.kind == "interrupted":
+            return None
+        # The ranking rule's tier, so that Optuna orders the trials as the leaderboard does (module docstring).
+        return ("COMPLETE", "PRUNED", "FAIL")[rank_key(self, 0.0)[0]]
 
     @property
     def mlflow_status(self) -> str:
@@ -91,6 +102,13 @@ class Outcome:
     def ranked(self) -> bool:
         """Has a trustworthy objective: may lead the leaderboard and be refit."""
         return self.kind in ("completed", "stopped", "budget", "cut", "interrupted") and self.epoch > 0
+
+
+def rank_key(outcome: Outcome, objective: float) -> tuple:
+    """The one ranking rule (the module docstring says why): sort ascending, best first."""
+    if not (outcome.ranked and math.isfinite(objective)):
+        return (2, 0, -objective if math.isfinite(objective) else math.inf)
+    return (0 if outcome.kind == "completed" else 1, -outcome.epoch, -objective)
 
 
 def error_line(error) -> str:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import defaults
-from datasets.errors import UserError
-from search import cluster, resources, searcher, settings
+from datasets.errors import UserError, check_writable
+from search import cluster, holdout, resources, searcher, settings
 from search.spaces import SpaceOptions, get_space, pretrained_backbones_used, resolve_backbones
 from search.storage import check_storage_path, join as join_storage
 
@@ -140,6 +140,7 @@ def plan_search(args, argv) -> Plan:
     if args.reduction_factor is not None and args.reduction_factor <= 1:
         raise UserError(f"--reduction-factor {args.reduction_factor} must be more than 1 (e.g. 2 or 3)")
     time_budget_s = parse_duration(args.time_budget)
+    holdout.check_options(args.holdout, getattr(args, "holdout_top", holdout.DEFAULT_TOP))
     max_epochs = args.max_epochs or space.max_epochs
     grace = args.grace_period or min(space.grace_period, max_epochs)
     if grace > max_epochs:
@@ -158,6 +159,7 @@ def plan_search(args, argv) -> Plan:
     # On a cluster the resources are only known once connected (start_ray); locally check them now.
     cpt, gpt, conc = (0.0, 0.0, 0) if args.address else resources.resource_defaults(
         args, *resources.local_hardware(), num_samples if num_samples > 0 else 1 << 30)
+    check_writable(results, "--results-dir", directory=True)  # the last check: before any work, not after it
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     warm = None if resume else check_warm_start(args, results, space, backbones, opts,
                                                args.study_storage or searcher.study_storage_url(results))

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from datasets.defaults import results_root
-from datasets.errors import UserError, run_cli
+from datasets.errors import UserError, check_writable, run_cli
 from datasets.test_labels import find_test_labels
 from search import refit_outputs
 from search.refit_data import expected_test_ids, labelled_rows, open_search_data
@@ -42,7 +42,7 @@ from search.report import write_json
 def refit(args) -> dict:
     results = results_root(args.results_dir)
     best = find_best(results, args.name)
-    out_dir = results / best["name"]
+    out_dir = check_writable(results / best["name"], "--results-dir", directory=True)  # before any training
     clean_killed_outputs(out_dir)
 
     cache = open_search_data(best, args.cache_dir)
@@ -68,7 +68,13 @@ def refit(args) -> dict:
             summary.update(fitted.info)
             write_outputs(version, fitted, cache, ids, summary)
             if test_labels is not None:
-                summary["test_auc"] = report_test_auc(test_labels, fitted.probs, labels_from, run, version)
+                est = report_test_auc(test_labels, fitted.probs, labels_from, run, version,
+                                      None if cache.groups is None else cache.groups[test_idx], best.get("holdout"))
+                if est is not None:
+                    summary.update(test_auc=est.auc, test_auc_ci=[est.lo, est.hi])
+            elif best.get("holdout"):
+                print(refit_outputs.holdout_line(best["holdout"]))
+            summary["search_holdout"] = best.get("holdout")
             write_json(version / "refit.json", summary)
             refit_outputs.publish(out_dir, version)
             print(f"published {version.name}: {out_dir / 'model.pt'}"
@@ -131,6 +137,9 @@ def check_args(args) -> None:
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from search.tracking import quiet_artifact_bars
+
+    quiet_artifact_bars()
     args = get_args_parser().parse_args(argv)
     check_args(args)
     t0 = time.perf_counter()

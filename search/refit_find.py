@@ -39,7 +39,8 @@ def find_best(results: Path, name: str | None) -> dict:
 
 
 def cross_check(best: dict) -> None:
-    """Warn when the Ray experiment now holds a better trial than best_config.json names.
+    """Warn when the Ray experiment now holds a better trial than best_config.json names, by the search's one
+    ranking rule (search.outcome.rank_key).
 
     That happens when a search was resumed (or extended) after best_config.json was written and
     has not finished yet. Reads the experiment's files (ExperimentAnalysis); no Ray cluster starts.
@@ -49,14 +50,26 @@ def cross_check(best: dict) -> None:
         return
     from ray.tune import ExperimentAnalysis
 
+    from search.outcome import OBJECTIVE, decide, rank_key
+
     try:
-        top = ExperimentAnalysis(exp).get_best_trial("val_auc", "max", scope="all")
+        trials = ExperimentAnalysis(exp).trials
     except Exception as e:  # a foreign/partial experiment folder must not block the refit
         print(f"note: could not read the Ray experiment {exp} to cross-check ({type(e).__name__}); using best_config.json")
         return
-    if top is not None and top.trial_id != best.get("trial_id"):
-        top_auc = top.metric_analysis.get("val_auc", {}).get("max", float("nan"))
-        print(f"warning: the Ray experiment {exp} now ranks trial {top.trial_id} first (val_auc {top_auc:.4f}), "
+    max_epochs = int(best["config"].get("epochs") or 0)
+
+    def key(t):
+        last = t.last_result or {}
+        value = float(last.get(OBJECTIVE, float("nan")))
+        return rank_key(decide(last, max_epochs, error=t.status == "ERROR" or None), value), t.trial_id != best.get("trial_id")
+
+    if not trials:
+        return
+    top = min(trials, key=key)
+    if top.trial_id != best.get("trial_id"):
+        top_auc = float((top.last_result or {}).get(OBJECTIVE, float("nan")))
+        print(f"warning: the Ray experiment {exp} now ranks trial {top.trial_id} first ({OBJECTIVE} {top_auc:.4f}), "
               f"best_config.json names {best.get('trial_id')}: finish the search with "
               f"`python -m search.run --name {best['name']} --resume` to update it")
 

@@ -139,25 +139,39 @@ def write_oof(path: Path, oof: dict, cache) -> None:
         table["slide"] = cache.groups[oof["rows"]]
     pd.DataFrame({**table, "prob": sub.exact_floats(oof["probs"])}).to_csv(path, index=False)
     folds = ", ".join("n/a" if a is None else f"{a:.4f}" for a in oof["fold_aucs"])
-    print(f"out-of-fold AUC {oof['oof_auc']:.4f} on {len(oof['rows']):,} labelled patches (per fold: {folds}); "
+    print(f"out-of-fold AUC {oof['oof_estimate'].text()} on {len(oof['rows']):,} labelled patches (per fold: {folds}); "
           f"each patch scored by the one model that never trained on it")
 
 
-def report_test_auc(labels, probs, labels_from, run, out_dir: Path) -> float | None:
-    """Print the test AUC; save the ROC curve beside the submission and log both to MLflow."""
-    from sklearn.metrics import roc_auc_score
+def report_test_auc(labels, probs, labels_from, run, out_dir: Path, groups=None, holdout: dict | None = None):
+    """Print the test AUC with its 95 % bootstrap interval (slides resampled when ``groups`` are known) and the
+    search's holdout estimate beside it; save the ROC curve beside the submission and log both to MLflow.
+    Returns the search.auc_stats.AucEstimate, or None with one class."""
+    from search.auc_stats import auc_interval
 
     if len(np.unique(labels)) < 2:
         print(f"test labels from {labels_from} hold one class only: no AUC")
         return None
-    auc = float(roc_auc_score(labels, probs))
-    print(f"test AUC {auc:.4f} on {len(labels):,} patches (labels from {labels_from})")
+    est = auc_interval(labels, probs, groups)
+    auc = est.auc
+    print(f"test AUC {est.text()} (labels from {labels_from})")
+    print(holdout_line(holdout))
     from search.report import roc_figure
 
     fig = roc_figure(labels, probs, "refit", "Test ROC")
     fig.savefig(out_dir / "test_roc_curve.png", dpi=100)
     if run is not None:
         import mlflow
-        mlflow.log_metric("test_auc", auc)
+        mlflow.log_metrics(est.metrics("test_auc"))
         mlflow.log_figure(fig, "test_roc_curve.png")
-    return auc
+    return est
+
+
+def holdout_line(holdout: dict | None) -> str:
+    """The search's own estimate (best_config.json "holdout"), to read next to the refit's figures."""
+    if not holdout or holdout.get("auc") is None:
+        return "search holdout: none (the search ran with --holdout 0, or before holdouts existed)"
+    lo, hi = holdout.get("ci_low"), holdout.get("ci_high")
+    interval = "no 95 % CI: too few slides" if lo is None or lo != lo else f"95 % CI {lo:.4f}-{hi:.4f}"
+    return (f"search holdout estimate of the chosen trial's checkpoint: AUC {holdout['auc']:.4f} ({interval}) on "
+            f"{holdout['n']:,} patches no trial saw (the refit model trains on them too)")

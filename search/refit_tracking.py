@@ -146,7 +146,8 @@ def log_outputs(best, cache, example_rows, out_dir: Path, summary) -> None:
         if (out_dir / name).exists():
             mlflow.log_artifact(str((out_dir / name).resolve()))
     if summary.get("oof_auc") is not None:
-        mlflow.log_metric("oof_auc", summary["oof_auc"])
+        lo, hi = summary.get("oof_auc_ci") or (float("nan"), float("nan"))
+        mlflow.log_metrics({"oof_auc": summary["oof_auc"], "oof_auc_ci_low": lo, "oof_auc_ci_high": hi})
     example = np.ascontiguousarray(cache.images[np.asarray(example_rows)[:4]])
     info = log_registered_model((out_dir / "model.pt").resolve(), f"pcam-{best['name']}", example)
     summary["registered_model"] = f"pcam-{best['name']}"

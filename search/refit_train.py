@@ -64,11 +64,13 @@ def train_members(members: list[Member], cache, test_rows, args, run, test_label
         return predict_cache_rows(net, cache, rows, m.config, not args.no_tta, args.batch_size)
 
     trained = fit_members(members, train_one, predict_rows, test_rows)
-    oof = out_of_fold(trained, lambda rows: cache.labels[rows]) if args.folds else None
+    oof = out_of_fold(trained, lambda rows: cache.labels[rows],
+                      lambda rows: None if cache.groups is None else cache.groups[rows]) if args.folds else None
     info = {"epochs": members[0].stop_epoch, "schedule_epochs": members[0].config["epochs"],
             "seed": members[0].config["seed"], "members": member_summaries(trained, test_labels, oof, member_runs)}
     if oof is not None:
-        info.update(oof_auc=oof["oof_auc"], fold_aucs=oof["fold_aucs"])
+        info.update(oof_auc=oof["oof_auc"], oof_auc_ci=[oof["oof_estimate"].lo, oof["oof_estimate"].hi],
+                    fold_aucs=oof["fold_aucs"])
     log_member_metrics(run, info["members"])
     return Fitted(Ensemble([(t.net, t.member.config) for t in trained], [t.member.name for t in trained]),
                   None if test_rows is None else average([t.test_probs for t in trained]), info, oof)
@@ -128,11 +130,11 @@ def checkpoint_model(best: dict, cache, test_rows, args) -> Fitted:
 
 def predict_cache_rows(model, cache, rows, config, tta: bool, batch_size: int | None) -> np.ndarray:
     """TTA probabilities of cache rows (test or held-out), read from the memmap a chunk at a time."""
-    from tqdm.auto import tqdm
+    from datasets.progress import bar as progress_bar
     from trainables.train import predict_proba
 
     out = np.empty(len(rows), dtype=np.float32)
-    with tqdm(total=len(rows), desc="predict", unit="img", leave=False) as bar:
+    with progress_bar(total=len(rows), desc="predict", unit="img", leave=False) as bar:
         for start in range(0, len(rows), PREDICT_CHUNK):
             chunk = rows[start:start + PREDICT_CHUNK]
             out[start:start + len(chunk)] = predict_proba(model, cache.images[chunk], config, tta=tta, batch_size=batch_size)

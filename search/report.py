@@ -1,13 +1,12 @@
 """End-of-search outputs: trial summaries, the leaderboard, best_config.json and the PNG pictures.
 
 Each trial's status is its `search.outcome.Outcome`, the same one its MLflow child run and the TPE feedback get.
-The leaderboard ranks by the search's objective (best val AUC up to the epoch a trial reached; search.outcome);
-trials without a trustworthy objective (diverged, errored) rank last.
+The leaderboard ranks by search.outcome.rank_key, the one ranking rule (completed trials by objective, then early
+ends by depth and objective, then trials without a trustworthy objective); best_config.json is its first row.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,11 +14,15 @@ import numpy as np
 import pandas as pd
 
 from search import private_api
+from search import outcome as outcomes
 from search.outcome import OBJECTIVE, Outcome, decide
 
 TOP_K = 10
 # Per-epoch metrics the trainable reports (docs/architecture.md); logged to MLflow and plotted.
 EPOCH_METRICS = ("val_auc", "val_loss", "val_acc", "train_loss", "lr", "epoch_seconds", "images_per_s")
+# The objective so far and its epoch, logged every epoch too: the MLflow runs table then shows (and sorts by) the
+# value the leaderboard ranks, not the last epoch's val_auc.
+OBJECTIVE_METRICS = (OBJECTIVE, "best_epoch")
 
 
 def unfinished_trials(experiment_path: str) -> set[str]:
@@ -114,9 +117,14 @@ def summarize(result_grid, max_epochs: int, budget_hit: bool = False, interrupte
 
 
 def rank_key(s: TrialSummary):
-    """Trustworthy objectives first, best first; then the rest (diverged, errored, never reported)."""
-    usable = s.outcome.ranked and not math.isnan(s.best_val_auc)
-    return (0, -s.best_val_auc) if usable else (1, -s.best_val_auc if not math.isnan(s.best_val_auc) else math.inf)
+    """search.outcome.rank_key of a trial summary (the one ranking rule)."""
+    return outcomes.rank_key(s.outcome, s.best_val_auc)
+
+
+def winner(summaries: list[TrialSummary]) -> TrialSummary | None:
+    """The search's pick: the first of ``summaries`` (sorted by rank_key) with a trustworthy objective."""
+    first = summaries[0] if summaries else None
+    return first if first is not None and rank_key(first)[0] < 2 else None
 
 
 def searched_keys(summaries: list[TrialSummary]) -> list[str]:
@@ -132,6 +140,13 @@ def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
         row = {"rank": rank, "trial_id": s.trial_id, "best_val_auc": round(s.best_val_auc, 4),
                "best_epoch": s.best_epoch, "epochs_run": s.epochs_run, "status": s.status,
                "stopped_at_rung": s.outcome.rung, "backbone": s.config.get("backbone")}
+        if "val_auc_se" in s.extra:
+            row["val_auc_se"] = round(s.extra["val_auc_se"], 4)
+        if any("holdout" in x.extra for x in summaries):
+            est = s.extra.get("holdout")
+            row.update(holdout_auc=None if est is None else round(est.auc, 4),
+                       holdout_ci_low=None if est is None else round(est.lo, 4),
+                       holdout_ci_high=None if est is None else round(est.hi, 4))
         if any(x.nodes for x in summaries):
             row["nodes"] = nodes_text(s.nodes)
         for k in keys:
@@ -147,13 +162,19 @@ def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
 def format_leaderboard(board: pd.DataFrame, top_k: int = TOP_K) -> str:
     shown = board.head(top_k).copy()
     shown["status"] = shown["status"].str.slice(0, 60)
+    if "holdout_auc" in shown.columns:  # one column: the estimate and its interval
+        shown["holdout_auc"] = [("" if a is None or a != a else f"{a:.4f} [no CI]" if lo is None or lo != lo
+                                 else f"{a:.4f} [{lo:.4f}-{hi:.4f}]")
+                                for a, lo, hi in zip(shown["holdout_auc"], shown["holdout_ci_low"], shown["holdout_ci_high"])]
+        shown = shown.drop(columns=["holdout_ci_low", "holdout_ci_high"])
     if "nodes" in shown.columns:  # where trials ran matters on a cluster only
         ids = {n for v in board["nodes"].dropna() for n in str(v).split(">") if n}
         if len(ids) > 1:
             shown["nodes"] = shown["nodes"].map(lambda v: nodes_text(str(v).split(">"), short=True))
         else:
             shown = shown.drop(columns="nodes")
-    title = f"Leaderboard (top {min(top_k, len(board))} of {len(board)} trials, by best val_auc)"
+    title = (f"Leaderboard (top {min(top_k, len(board))} of {len(board)} trials; ranked: completed first, then "
+             f"deepest epoch, then best val_auc; holdout_auc with its 95 % interval)")
     return title + "\n" + shown.to_string(index=False)
 
 
@@ -169,7 +190,8 @@ def best_config_record(best: TrialSummary, **context) -> dict:
         "validation": context.get("validation"), "cache_path": context["cache_path"],
         "data_fingerprint": context["data_fingerprint"], "tracking_uri": context["tracking_uri"],
         "mlflow_experiment": context["name"], "parent_run_id": context["parent_run_id"],
-        "child_run_id": context.get("child_run_id"),
+        "child_run_id": context.get("child_run_id"), "val_auc_se": best.extra.get("val_auc_se"),
+        "holdout": context.get("holdout"),
     }
 
 

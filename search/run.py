@@ -17,7 +17,7 @@ from pathlib import Path
 
 from datasets import defaults
 from datasets.errors import UserError, run_cli
-from search import insight, private_api, report, searcher, tracking
+from search import error_bars, holdout, insight, private_api, report, searcher, tracking
 from search.outcome import OBJECTIVE, what_to_change
 from search.plan import Plan, plan_search
 from search.settings import load_settings, save_settings
@@ -74,6 +74,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", help="results root (default $PCAM_TUNE_RESULTS, else ./results)")
     p.add_argument("--cache-dir", help="decode-once cache root (default $PCAM_TUNE_CACHE, else ~/.cache/pcam-tune)")
     p.add_argument("--top-k", type=int, default=report.TOP_K, help="leaderboard rows printed (default 10)")
+    p.add_argument("--holdout", type=float, metavar="FRACTION",
+                   help=f"labelled patches set aside that no trial trains or validates on, by slide when slides are "
+                        f"known (default {holdout.DEFAULT_FRACTION}; 0 = none); the top trials' best checkpoints are "
+                        f"scored on them at the end (holdout_auc with a 95 %% interval)")
+    p.add_argument("--holdout-top", type=int, default=holdout.DEFAULT_TOP, metavar="K",
+                   help=f"how many of the top trials are scored on the holdout (default {holdout.DEFAULT_TOP})")
     return p
 
 
@@ -95,6 +101,7 @@ def _set_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic live table, with our columns
+    tracking.quiet_artifact_bars()
     # One small checkpoint per epoch forces a state snapshot each time; that is intended here, not a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
@@ -124,6 +131,10 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
                         "start a new search with another --name")
     out_dir = plan.results_dir / plan.name
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Before Ray (a UserError is one line); the fraction used is what search.json keeps for --resume.
+    plan.args.holdout, holdout_rows, note = holdout.choose(cache, plan.args.holdout, plan.args.seed)
+    if note:  # a warning on stderr (as the patch-validation one), a note with the rest of the story on stdout
+        print(note, file=sys.stderr if note.startswith("warning") else sys.stdout, flush=True)
     start_ray(plan)
     check_nodes(plan, cache, data_dir)
     params = {"space": plan.space.name, "backbones": ",".join(plan.backbones), "pretrained": plan.opts.pretrained,
@@ -137,7 +148,8 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
               "slide_map": str(Path(plan.args.slide_map).resolve()) if plan.args.slide_map else None,
               "data_fingerprint": cache.fingerprint, "cache_path": str(cache.path),
               "cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial,
-              "max_concurrent": plan.max_concurrent, "warm_start": plan.warm_start["name"] if plan.warm_start else None}
+              "max_concurrent": plan.max_concurrent, "warm_start": plan.warm_start["name"] if plan.warm_start else None,
+              "holdout": plan.args.holdout, "holdout_n": len(holdout_rows)}
     if plan.warm_start and plan.warm_start.get("data_fingerprint") != cache.fingerprint:
         theirs = plan.warm_start
         print(f"warning: --warm-start {theirs['name']} searched other data (fingerprint "
@@ -151,11 +163,12 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
           + (f"{plan.num_samples} trials" if plan.num_samples > 0 else "trials until the time budget runs out")
           + f" x <= {plan.max_epochs} epochs, "
           f"{plan.max_concurrent} at once ({plan.cpus_per_trial:g} CPU, {plan.gpus_per_trial:g} GPU each), "
-          f"data {cache.source.get('kind')} {cache.fingerprint[:12]}", flush=True)
+          f"data {cache.source.get('kind')} {cache.fingerprint[:12]}"
+          + (f", {len(holdout_rows):,} patches held out" if len(holdout_rows) else ""), flush=True)
 
     parent_run_id, _ = tracking.open_parent_run(plan.tracking_uri, plan.name, plan.experiment_path, params,
                                                 tags={"validation": validation})
-    tuner = build_tuner(plan, make_trainable(plan, str(cache.path)), parent_run_id)
+    tuner = build_tuner(plan, make_trainable(plan, str(cache.path), holdout_rows), parent_run_id)
     started = time.monotonic()
     grid, interrupted = private_api.fit_watching_ctrl_c(tuner)
     # Ray counts the budget across resumes, so a resumed search may hit it at once: any budget counts.
@@ -173,20 +186,24 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
     for s in summaries:  # Ray names checkpoints inside its filesystem: keep the storage URI for later readers
         s.checkpoint_path = uri_for(s.checkpoint_path, plan.storage_path)
     plan.interrupted, plan.unfinished = interrupted, len(unfinished)
-    return finish(plan, summaries, cache, data_dir, parent_run_id, out_dir)
+    return finish(plan, summaries, cache, data_dir, parent_run_id, out_dir, holdout_rows)
 
 
-def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path) -> dict:
+def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path, holdout_rows=()) -> dict:
     from datasets.splits import validation_kind
 
+    error_bars.attach_val_se(summaries, cache, holdout_rows)
+    if len(holdout_rows) and not plan.interrupted:  # estimates the top trials; the ranking stays the search's
+        for trial_id, est in holdout.score_top(summaries, cache, holdout_rows, plan.args.holdout_top).items():
+            next(s for s in summaries if s.trial_id == trial_id).extra["holdout"] = est
     board = report.leaderboard(summaries)
     board_path = out_dir / "leaderboard.csv"
     board.to_csv(board_path, index=False)
     interrupted = plan.interrupted
     resume_hint = f"continue it with: python -m search.run --name {plan.name} --resume"
     print("\n" + report.format_leaderboard(board, plan.args.top_k))
-    ranked = [s for s in summaries if s.outcome.ranked and not math.isnan(s.best_val_auc)]
-    if not ranked:
+    best = report.winner(summaries)  # the leaderboard's first row (search.outcome.rank_key)
+    if best is None:
         tracking.finish_parent(plan.tracking_uri, parent_run_id, metrics={"n_trials": len(summaries)},
                                tags={"outcome": "no trial reported"}, artifacts=[board_path],
                                status="KILLED" if interrupted else "FAILED")
@@ -197,14 +214,14 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
         advice = what_to_change([s.outcome for s in summaries])
         raise UserError(f"no trial of {plan.name} finished an epoch ({first}); see {board_path}"
                         + (f". {advice}" if advice else ""))
-    best = ranked[0]
     child = _child_run_id(plan, parent_run_id, best.trial_id)
     record = report.best_config_record(
         best, name=plan.name, space=plan.space.name, experiment_path=plan.experiment_path, data_dir=data_dir,
         slide_map=str(Path(plan.args.slide_map).resolve()) if plan.args.slide_map else None,
         validation=validation_kind(cache),
         cache_path=str(cache.path), data_fingerprint=cache.fingerprint, tracking_uri=plan.tracking_uri,
-        parent_run_id=parent_run_id, child_run_id=child)
+        parent_run_id=parent_run_id, child_run_id=child,
+        holdout=holdout.record(plan.args.holdout, holdout_rows, cache, best.extra.get("holdout")))
     best_path = out_dir / "best_config.json"
     report.write_json(best_path, record)
     explained = insight.explain_search(plan.study_storage, plan.name, out_dir,  # Optuna's plots, importances
@@ -219,14 +236,24 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path)
     tracking.finish_parent(
         plan.tracking_uri, parent_run_id,
         metrics={"best_val_auc": best.best_val_auc, "best_epoch": best.best_epoch, **counts,
+                 "best_val_auc_se": best.extra.get("val_auc_se", math.nan),
+                 **(best.extra["holdout"].metrics("holdout_auc") if "holdout" in best.extra else {}),
                  **{f"importance_{k}": v for k, v in explained.importances.items()}},
         tags={"best_trial_id": best.trial_id, "best_child_run_id": child or "",
               "best_backbone": best.config.get("backbone")},
-        artifacts=[board_path, best_path, *pictures], status="KILLED" if interrupted else "FINISHED")
-    print(f"\nbest: trial {best.trial_id} val_auc {best.best_val_auc:.4f} at epoch {best.best_epoch} "
-          f"({best.status})\nleaderboard: {board_path}\nbest config: {best_path}\n{explained.summary()}")
-    if what_to_change([s.outcome for s in summaries]):
-        print(what_to_change([s.outcome for s in summaries]))
+        artifacts=[board_path, best_path, *pictures], status="KILLED" if interrupted else "FINISHED",
+        tables={"leaderboard.json": board})
+    print(f"\nbest: trial {best.trial_id} val_auc {best.best_val_auc:.4f} (SE {best.extra.get('val_auc_se', math.nan):.4f}) "
+          f"at epoch {best.best_epoch} ({best.status})"
+          + (f"\nholdout AUC {best.extra['holdout'].text()}: {len(holdout_rows):,} patches no trial saw, an estimate "
+             f"the choice never touched" if "holdout" in best.extra else "")
+          + f"\nleaderboard: {board_path}\nbest config: {best_path}\n{explained.summary()}")
+    close = error_bars.close_call(summaries, plan.name)
+    if close:
+        print(close)
+    advice = what_to_change([s.outcome for s in summaries])
+    if advice:
+        print(advice)
     if interrupted:
         print(f"search interrupted with {plan.unfinished} trial(s) unfinished; {resume_hint}")
     elif plan.unfinished:  # Ray counts the budget across resumes: a spent budget is the end of this search

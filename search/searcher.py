@@ -8,7 +8,8 @@ rung has no value at all), tells ASHA-stopped trials as COMPLETE with their low-
 trial as COMPLETE too. ``FeedbackOptunaSearch`` instead:
 - reports the final result's value at its step before telling the trial, whatever the state;
 - tells the state `search.outcome.decide` gives (with `SchedulerStopMarker` among the run's callbacks) (COMPLETE / PRUNED / FAIL), the same judgement the leaderboard
-  and MLflow show;
+  and MLflow show; the state is the tier of `search.outcome.rank_key`, the one ranking rule, so Optuna (COMPLETE
+  by value, then PRUNED by deepest step and value there) orders the trials as the leaderboard does;
 - tags each Optuna trial with its Ray trial id and outcome (user attributes), so the driver can settle, after the
   search, the trials Ray never completed (cut by the time budget), and optuna-dashboard shows how each ended.
 
@@ -215,8 +216,10 @@ def make_searcher(define: Callable, *, seed: int, num_samples: int, max_t: int, 
     cls = FeedbackOptunaSearch if feedback else OptunaSearch
     kw = {"max_t": max_t, "n_startup": n_startup if n_startup is not None else startup_trials(num_samples)} \
         if feedback else {}
-    return cls(space=define, metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points_to_evaluate or None,
-               **kw, **persist)
+    alg = cls(space=define, metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points_to_evaluate or None,
+              **kw, **persist)
+    name_objective(private_api.optuna_study(alg), metric)
+    return alg
 
 
 def warm_start(storage_url: str, name: str, source: str) -> int:
@@ -233,5 +236,14 @@ def warm_start(storage_url: str, name: str, source: str) -> int:
         value=t.value if t.state == states.COMPLETE else None, intermediate_values=t.intermediate_values,
         user_attrs={**t.user_attrs, PROPOSED_BY: "warm start", "warm_start_from": f"{source} #{t.number}"})
         for t in old.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL))]
+    name_objective(new)
     new.add_trials(copies)
     return len(copies)
+
+
+def name_objective(study, metric: str = OBJECTIVE) -> None:
+    """Name the study's value (optuna-dashboard and Optuna's plots show it instead of "Objective 0")."""
+    with warnings.catch_warnings():  # set_metric_names is flagged experimental
+        warnings.simplefilter("ignore")
+        if study.metric_names != [metric]:
+            study.set_metric_names([metric])

@@ -14,7 +14,7 @@ SETTINGS_FILE = "search.json"
 # trial configs built from them); CLI values for these are ignored on resume.
 RESUMED_SETTINGS = ("space", "backbones", "pretrained", "backbone", "num_samples", "max_epochs", "grace_period",
                     "reduction_factor", "time_budget", "seed", "data_dir", "slide_map", "tracking_uri", "max_concurrent",
-                    "study_storage", "precision")
+                    "study_storage", "precision", "holdout")
 
 
 def load_settings(results: Path, name: str) -> dict | None:
@@ -36,7 +36,8 @@ def apply_saved_settings(args, saved: dict) -> None:
         print(f"note: resuming {args.name!r} with its original settings; ignoring "
               + ", ".join("--" + k.replace("_", "-") for k in ignored), flush=True)
     for k in RESUMED_SETTINGS:
-        setattr(args, k, saved.get(k))
+        # A search saved before --holdout existed had none: its trials used every labelled patch.
+        setattr(args, k, saved.get(k, 0.0 if k == "holdout" else None))
 
 
 def save_settings(plan, data_fingerprint: str) -> None:
@@ -51,7 +52,7 @@ def save_settings(plan, data_fingerprint: str) -> None:
                 "data_fingerprint": data_fingerprint, "tracking_uri": plan.tracking_uri,
                 "study_storage": plan.study_storage,
                 "max_concurrent": plan.max_concurrent,  # fixed in the restored TuneConfig
-                "precision": plan.opts.precision,
+                "precision": plan.opts.precision, "holdout": a.holdout,
                 "warm_start": plan.warm_start["name"] if plan.warm_start else None,
                 "experiment_path": plan.experiment_path}
     write_json(plan.results_dir / plan.name / SETTINGS_FILE, settings)

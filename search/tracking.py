@@ -174,13 +174,25 @@ def reconcile_children(tracking_uri: str, experiment_name: str, parent_run_id: s
             mlf.set_terminated(run.info.run_id, outcome.mlflow_status)
 
 
+def quiet_artifact_bars() -> None:
+    """Off a terminal, no MLflow artifact download bar (datasets.progress says why bars stay off there)."""
+    from datasets.progress import on_terminal
+
+    if not on_terminal():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def finish_parent(tracking_uri: str, parent_run_id: str, *, metrics: dict, tags: dict, artifacts: list[Path],
-                  status: str = "FINISHED") -> None:
+                  status: str = "FINISHED", tables: dict | None = None) -> None:
+    """Final metrics, tags, artifacts and ``tables`` ({"leaderboard.json": DataFrame}: MLflow's table artifacts,
+    shown as tables in the UI's artifact view) of the parent run; then its status."""
     from mlflow.entities import Metric
 
     mlf = client(tracking_uri)
     now = int(time.time() * 1000)
     mlf.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    for file, table in (tables or {}).items():
+        mlf.log_table(parent_run_id, data=table.astype(object).where(table.notna(), None), artifact_file=file)
     for k, v in tags.items():
         mlf.set_tag(parent_run_id, k, str(v))
     for path in artifacts:

@@ -1,5 +1,6 @@
 """The driver-side Ray Tune callback that keeps one MLflow child run per trial (search.tracking says why
-the driver logs, not the trials): created on a trial's start, per-epoch metrics, retries, and the outcome."""
+the driver logs, not the trials): created on a trial's start, per-epoch metrics and the objective so far
+(best_val_auc, best_epoch: the runs table sorts as the leaderboard), retries, and the outcome."""
 from __future__ import annotations
 
 import time
@@ -8,7 +9,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from search.outcome import Outcome, decide, error_line
-from search.report import EPOCH_METRICS, nodes_text
+from search.report import EPOCH_METRICS, OBJECTIVE_METRICS, nodes_text
 from search.tracking import (OUTCOME_TAG, PARENT_TAG, ROLE_TAG, TRIAL_ID_TAG, child_runs, client, experiment_id,
                              outcome_tags, params_of)
 
@@ -72,7 +73,7 @@ class MlflowTrialCallback(Callback):
         if step <= self._last_step.get(trial.trial_id, 0):
             return  # re-run of an epoch after a resume: keep the first record of that step
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now, step) for k in EPOCH_METRICS
+        metrics = [Metric(k, float(result[k]), now, step) for k in EPOCH_METRICS + OBJECTIVE_METRICS
                    if isinstance(result.get(k), (int, float))]
         self._mlf.log_batch(run_id, metrics=metrics)
         self._last_step[trial.trial_id] = step

@@ -35,13 +35,14 @@ def check_nodes(plan: Plan, cache, data_dir: str | None) -> None:
             pretrained=tuple(pretrained_backbones_used(plan.space, plan.backbones, plan.opts)), data_dir=data_dir))
 
 
-def make_trainable(plan: Plan, cache_path: str):
+def make_trainable(plan: Plan, cache_path: str, holdout_rows=None):
     from ray import tune
 
     from trainables.train import train_pcam
 
-    # The path (not the arrays) goes to the trials: each worker memory-maps the decode-once cache.
-    return tune.with_resources(tune.with_parameters(train_pcam, cache_path=cache_path),
+    # The path (not the arrays) goes to the trials: each worker memory-maps the decode-once cache. The holdout's
+    # row numbers go along (Ray's object store), so no trial trains or validates on them.
+    return tune.with_resources(tune.with_parameters(train_pcam, cache_path=cache_path, holdout_rows=holdout_rows),
                                {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
 
 

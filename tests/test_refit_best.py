@@ -7,6 +7,8 @@ with a model registry.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -50,16 +52,25 @@ def write_best_config(results: Path, name: str, cache, tracking_uri: str, **over
     return path
 
 
+# What search.run writes into best_config.json about its untouched holdout (search.holdout.record).
+HOLDOUT = {"fraction": 0.1, "n": 31, "by": "slide", "auc": 0.81, "ci_low": 0.7, "ci_high": 0.9}
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A synthetic Kaggle-layout data dir, its cache, and a best_config.json pointing at both."""
     root = tmp_path_factory.mktemp("refit")
     data_dir = root / "data"
     write_kaggle_layout(data_dir, n=300, seed=1, test_fraction=0.2)
+    # As a slide map recovered for the Kaggle training set: the test ids are not in it (their one slide would
+    # give no interval; unmapped, each test patch is its own unit of the bootstrap).
+    train_ids = set(pd.read_csv(data_dir / "train_labels.csv", dtype=str)["id"])
+    slides = pd.read_csv(data_dir / "slide_map.csv", dtype=str)
+    slides[slides["id"].isin(train_ids)].to_csv(data_dir / "slide_map.csv", index=False)
     cache = prepare_dataset(data_dir=str(data_dir), cache_dir=str(root / "cache"), progress=False)
     results = root / "results"
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    write_best_config(results, NAME, cache, uri)
+    write_best_config(results, NAME, cache, uri, holdout=HOLDOUT)
     return {"root": root, "data_dir": data_dir, "cache": cache, "results": results, "uri": uri}
 
 
@@ -82,14 +93,15 @@ def refitted(tiny):
     torch.set_num_threads(1)
     records = _Records()
     logging.getLogger("mlflow").addHandler(records)
+    printed = io.StringIO()
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
             warnings.simplefilter("always")
             assert run_refit(tiny) == 0
     finally:
         logging.getLogger("mlflow").removeHandler(records)
     out = tiny["results"] / NAME
-    return {**tiny, "submission": out / "submission.csv", "model": out / "model.pt",
+    return {**tiny, "submission": out / "submission.csv", "model": out / "model.pt", "printed": printed.getvalue(),
             "summary": json.loads((out / "refit.json").read_text()),
             "warnings": records.messages + [str(w.message) for w in caught]}
 
@@ -122,6 +134,22 @@ def test_refit_trains_on_all_labelled_rows_for_the_peak_epoch_count(refitted):
     assert s["test_auc"] is not None and 0.5 < s["test_auc"] <= 1.0
     assert s["test_labels"] == str(refitted["data_dir"] / "test_labels.csv")
     assert (refitted["results"] / NAME / "test_roc_curve.png").stat().st_size > 1000
+
+
+def test_refit_prints_its_test_auc_with_an_interval_next_to_the_search_holdout(refitted):
+    import re
+
+    import mlflow
+
+    s, printed = refitted["summary"], refitted["printed"]
+    lo, hi = s["test_auc_ci"]
+    assert lo < s["test_auc"] < hi and hi - lo < 0.5
+    line = next(ln for ln in printed.splitlines() if ln.startswith("test AUC"))
+    assert re.match(rf"test AUC {s['test_auc']:.4f} \(95 % CI {lo:.4f}-{hi:.4f}, patch bootstrap, n=", line), line
+    assert "search holdout estimate of the chosen trial's checkpoint: AUC 0.8100 (95 % CI 0.7000-0.9000) on 31" in printed
+    assert s["search_holdout"] == HOLDOUT
+    metrics = mlflow.MlflowClient(refitted["uri"]).get_run(s["mlflow_run_id"]).data.metrics
+    assert metrics["test_auc_ci_low"] == pytest.approx(lo) and metrics["test_auc_ci_high"] == pytest.approx(hi)
 
 
 def test_refit_follows_the_trials_schedule_and_stops_at_its_best_epoch(refitted):
@@ -507,6 +535,8 @@ def test_fold_members_have_nested_mlflow_runs(folded):
     parent = client.get_run(s["mlflow_run_id"])
     assert parent.data.params["refit_mode"] == "folds=3" and parent.data.params["members"] == "3"
     assert parent.data.metrics["oof_auc"] == pytest.approx(s["oof_auc"]) and "test_auc" in parent.data.metrics
+    lo, hi = s["oof_auc_ci"]
+    assert lo < s["oof_auc"] < hi and parent.data.metrics["oof_auc_ci_low"] == pytest.approx(lo)
     for m in s["members"]:
         run = client.get_run(m["mlflow_run_id"])
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"

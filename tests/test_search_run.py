@@ -22,7 +22,8 @@ NUM_SAMPLES = 4
 BEST_CONFIG_KEYS = {"name", "space", "config", "trial_id", "objective", "best_val_auc", "best_epoch", "epochs_run",
                     "status", "slide_map", "validation",
                     "experiment_path", "checkpoint_path", "data_dir", "cache_path", "data_fingerprint",
-                    "tracking_uri", "mlflow_experiment", "parent_run_id", "child_run_id"}
+                    "tracking_uri", "mlflow_experiment", "parent_run_id", "child_run_id", "val_auc_se", "holdout"}
+HOLDOUT = 0.2
 
 
 @pytest.fixture(scope="session")
@@ -43,11 +44,12 @@ def search_cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
-    """240 synthetic patches in the Kaggle layout (115 train / 55 val after the split): a CPU epoch in seconds."""
+    """240 synthetic patches from 40 pseudo-slides in the Kaggle layout: a CPU epoch in seconds, and slides enough
+    for a slide-level holdout with an interval."""
     from datasets.synthetic import write_kaggle_layout
 
     out = tmp_path_factory.mktemp("tiny") / "pcam"
-    write_kaggle_layout(out, n=240, seed=0)
+    write_kaggle_layout(out, n=240, seed=0, n_slides=40)
     return out
 
 
@@ -56,7 +58,7 @@ def smoke_search(ray_session, search_cache_dir, tiny_data_dir, tmp_path_factory)
     results = tmp_path_factory.mktemp("results")
     argv = ["--space", "smoke", "--name", "smoke-test", "--data-dir", str(tiny_data_dir), "--num-samples", str(NUM_SAMPLES), "--max-epochs", "2",
             "--results-dir", str(results), "--cache-dir", str(search_cache_dir), "--cpus-per-trial", "1",
-            "--max-concurrent", "2", "--seed", "3"]
+            "--max-concurrent", "2", "--seed", "3", "--holdout", str(HOLDOUT)]
     # Not through main(): a UserError must fail the test with its message, not become exit code 2.
     search_run._set_env()
     record = search_run.run_search(search_run.make_plan(argv), progress=False)
@@ -132,6 +134,52 @@ def test_smoke_search_mlflow_parent_and_children(smoke_search):
         assert steps == list(range(1, row["epochs_run"] + 1))  # one point per epoch, step = epoch
         assert run.data.metrics["val_auc"] == pytest.approx(
             mlf.get_metric_history(run.info.run_id, "val_auc")[-1].value)
+
+
+def test_children_log_the_objective_the_leaderboard_ranks(smoke_search):
+    """Sorting MLflow's runs table by best_val_auc gives the leaderboard's values (the objective, not the last epoch)."""
+    results, record = smoke_search
+    mlf = tracking.client(record["tracking_uri"])
+    exp = mlf.get_experiment_by_name("smoke-test")
+    children = tracking.child_runs(mlf, exp.experiment_id, record["parent_run_id"])
+    board = pd.read_csv(results / "smoke-test" / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")
+    for trial_id, run in children.items():
+        assert run.data.metrics["best_val_auc"] == pytest.approx(board.loc[trial_id, "best_val_auc"], abs=1e-4)
+        assert run.data.metrics["best_epoch"] == board.loc[trial_id, "best_epoch"]
+    parent = mlf.get_run(record["parent_run_id"])
+    assert "leaderboard.json" in {a.path for a in mlf.list_artifacts(parent.info.run_id)}  # MLflow's table artifact
+    table = json.loads(Path(mlf.download_artifacts(parent.info.run_id, "leaderboard.json")).read_text())
+    assert table["columns"][:3] == ["rank", "trial_id", "best_val_auc"] and len(table["data"]) == NUM_SAMPLES
+
+
+def test_holdout_is_scored_for_the_top_trials_and_no_trial_saw_it(smoke_search):
+    import numpy as np
+
+    from datasets.cache import open_cache
+    from datasets.splits import holdout_split
+
+    results, record = smoke_search
+    cache = open_cache(record["cache_path"])
+    held = holdout_split(cache, HOLDOUT, seed=3)
+    assert record["holdout"]["n"] == len(held) > 0 and record["holdout"]["by"] == "slide"
+    board = pd.read_csv(results / "smoke-test" / "leaderboard.csv", dtype={"trial_id": str})
+    scored = board[board["holdout_auc"].notna()]
+    healthy = ~board["status"].str.startswith(("diverged", "errored"))
+    assert list(scored.index) == list(range(min(3, int(healthy.sum()))))  # the top trials, in rank order
+    assert ((scored["holdout_ci_low"] <= scored["holdout_auc"]) & (scored["holdout_auc"] <= scored["holdout_ci_high"])).all()
+    assert record["holdout"]["auc"] == pytest.approx(scored["holdout_auc"].iloc[0], abs=1e-4)
+    assert board["val_auc_se"].between(0.001, 0.2).all()
+    parent = tracking.client(record["tracking_uri"]).get_run(record["parent_run_id"])
+    assert parent.data.metrics["holdout_auc"] == pytest.approx(record["holdout"]["auc"])
+    assert parent.data.metrics["holdout_auc_ci_low"] <= parent.data.metrics["holdout_auc"] <= parent.data.metrics["holdout_auc_ci_high"]
+    # What every trial really trained and validated on, as its checkpoints recorded it.
+    splits = list((results / "ray" / "smoke-test").glob("*/checkpoint_*/split_rows.npz"))
+    assert len({p.parent.parent for p in splits}) == NUM_SAMPLES
+    for path in splits:
+        with np.load(path) as f:
+            train, val = f["train_rows"], f["val_rows"]
+        assert not np.intersect1d(train, held).size and not np.intersect1d(val, held).size
+        assert len(train) + len(val) + len(held) == len(cache.indices("train"))  # the rest of the pool is used
 
 
 def test_smoke_search_persists_the_study_with_what_really_happened(smoke_search):

@@ -133,3 +133,19 @@ def test_bf16_batches_are_the_fp32_augmentation_to_bf16_precision():
     assert b.dtype == torch.bfloat16 and b.shape == a.shape
     assert (a - b.float()).abs().max() < 0.01      # bf16 keeps 8 bits: ~1/256 relative
     assert torch.equal(augment.augment_batch(x, 0.0, dtype=torch.bfloat16), x.to(torch.bfloat16) / 255)
+
+
+def test_shift_and_zoom_move_the_label_square_by_at_most_3_px():
+    """The label is decided by the centre 32x32 px; shift and zoom move pixels across its border (tumour in or out).
+    The chosen bound (docs/training.md has the measurement): at any strength, the output's centre square shows
+    only source pixels within 3 px of the source's centre square, in both the torch and the CPU kernel path (they
+    share these index maps)."""
+    n, size = 4000, 96
+    assert augment.LABEL_MARGIN == 3
+    reach = 0
+    for strength in (0.5, 1.0):
+        geo = augment.geometry_params(n, size, strength, torch.Generator().manual_seed(7))
+        for src in (geo.rows[:, 32:64], geo.cols[:, 32:64]):
+            assert src.min() >= 32 - augment.LABEL_MARGIN and src.max() <= 63 + augment.LABEL_MARGIN
+            reach = max(reach, 32 - src.min(), src.max() - 63)
+    assert reach == augment.LABEL_MARGIN  # reached: shift and zoom still act, up to the bound

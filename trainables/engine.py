@@ -153,6 +153,7 @@ def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device,
     n_batches = batches_per_epoch(len(order), bs)
     total, seen = torch.zeros((), device=device), 0
     batches = range(n_batches)
+    progress = progress and sys.stderr.isatty()  # a redirected bar is one endless line (datasets.progress)
     if progress:
         from tqdm import tqdm
         batches = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr)

@@ -7,6 +7,7 @@ Ray pickles the function by reference, so every worker imports this module by na
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from trainables.loop import fit
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PREDICTIONS_FILE = "val_predictions.npz"
+SPLIT_FILE = "split_rows.npz"  # train_rows, val_rows (cache rows, int32): what the trial trained and validated on
 
 
 def in_tune_session() -> bool:
@@ -58,12 +60,14 @@ def _open_data(cfg: dict, cache_path, progress: bool):
     return prepare_dataset(cfg.get("data_dir"), cfg.get("cache_dir"), progress=progress)
 
 
-def save_checkpoint(folder: str | os.PathLike, state: dict, preds=None) -> Path:
+def save_checkpoint(folder: str | os.PathLike, state: dict, preds=None, split=None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / CHECKPOINT_FILE)
     if preds is not None:
         np.savez(folder / PREDICTIONS_FILE, labels=preds[0], probs=preds[1])
+    if split is not None:  # so anyone can check that no trial saw the search's holdout
+        np.savez(folder / SPLIT_FILE, train_rows=np.asarray(split[0], np.int32), val_rows=np.asarray(split[1], np.int32))
     return folder
 
 
@@ -71,7 +75,7 @@ def load_checkpoint(folder: str | os.PathLike) -> dict:
     return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
-def _tune_reporter(metrics: dict, state: dict | None, preds) -> None:
+def _tune_reporter(metrics: dict, state: dict | None, preds, split=None) -> None:
     import ray
     from ray import tune
     # Which Ray node ran this epoch: on a cluster the leaderboard and MLflow show where each trial ran (and
@@ -81,7 +85,7 @@ def _tune_reporter(metrics: dict, state: dict | None, preds) -> None:
         tune.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(d, state, preds)
+        save_checkpoint(d, state, preds, split)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -93,7 +97,8 @@ def _print_epoch(metrics: dict, state, preds) -> None:
           flush=True)
 
 
-def train_pcam(config: dict, cache_path: str | os.PathLike | None = None, device: str = "auto"):
+def train_pcam(config: dict, cache_path: str | os.PathLike | None = None, device: str = "auto",
+               holdout_rows=None):
     """Ray Tune function trainable (also the CLI's engine).
 
     Returns (model, history) when run standalone and None inside Tune (Tune only accepts a
@@ -102,6 +107,8 @@ def train_pcam(config: dict, cache_path: str | os.PathLike | None = None, device
     trial rebuilds it); else ``config['data_dir']`` (None = embedded synthetic data) is prepared.
     ``device`` (auto | cpu | cuda | cuda:N) outside Tune; inside, the device is what Ray assigned the trial
     (trainables.device: no GPU assigned = the CPU, even on a GPU host; a GPU fraction caps its memory).
+    ``holdout_rows``: the search's untouched holdout (datasets.splits.holdout_split), left out of both the
+    training and the validation split.
     """
     cfg = resolve_config(config)
     tune_mode = in_tune_session()
@@ -112,7 +119,8 @@ def train_pcam(config: dict, cache_path: str | os.PathLike | None = None, device
           flush=True)
     cache = _open_data(cfg, cache_path, progress=not tune_mode)
     from datasets.splits import train_val_split
-    train_idx, val_idx = train_val_split(cache, val_fraction=float(cfg["val_fraction"]), seed=int(cfg["seed"]))
+    train_idx, val_idx = train_val_split(cache, val_fraction=float(cfg["val_fraction"]), seed=int(cfg["seed"]),
+                                         exclude=holdout_rows)
     resume = None
     if tune_mode:
         from ray import tune
@@ -120,7 +128,7 @@ def train_pcam(config: dict, cache_path: str | os.PathLike | None = None, device
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 resume = load_checkpoint(d)
-    model, history = fit(cfg, cache, train_idx, val_idx,
-                         on_epoch=_tune_reporter if tune_mode else _print_epoch,
+    reporter = functools.partial(_tune_reporter, split=(train_idx, val_idx)) if tune_mode else _print_epoch
+    model, history = fit(cfg, cache, train_idx, val_idx, on_epoch=reporter,
                          resume=resume, progress=not tune_mode and sys.stderr.isatty(), device=dev)
     return None if tune_mode else (model, history)

@@ -136,7 +136,7 @@ def download_missing(backbones: Iterable[str], progress: bool = True
         weights = candidate_weights(name)[0]
         print(f"downloading {name} weights {download_url(weights)} -> {path}", flush=True)
         try:
-            download(weights, progress=progress)
+            download(weights, progress=progress and sys.stderr.isatty())
         except Exception as e:  # URLError, socket timeouts, proxies, hash mismatch
             failed.append((name, filename, path, e))
     return failed
