@@ -153,7 +153,17 @@ def setup_of(args, rows, held_rows) -> dict:
             "heldout": "the sample's test split, labels from test_labels.csv",
             "val_shifted": "val_shifted_auc: the val split under the same shift (validating under shift)",
             "shift": {"space": "HED optical density", "scale": SHIFT_SCALE.tolist(), "bias": SHIFT_BIAS.tolist()},
-            "order_seed": 0, "second_seed_every": 8, "n_second_seed": 30}
+            "order_seed": 0, "second_seed_every": 8, "n_second_seed": 30,
+            # What the product trains, so a table is never a mix of two versions of it: the augmentation's bounds
+            # (issue 19 narrowed shift and zoom) and how an unfreeze_depth 0 trial trains (issue 21: a head on the
+            # embedding cache, the 8 dihedral views as its augmentation).
+            "augmentation": _augmentation(), "frozen_backbone": "head on cached features (trainables.probe)"}
+
+
+def _augmentation() -> dict:
+    from trainables import augment as a
+    return {k: getattr(a, k) for k in ("MAX_SHIFT", "MAX_ZOOM", "MAX_BRIGHTNESS", "MAX_CONTRAST", "MAX_SATURATION",
+                                        "MAX_HUE")}
 
 
 def load_table(path: Path) -> dict:
