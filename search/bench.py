@@ -248,16 +248,11 @@ def load_data(args):
 
 
 def carve_holdout(cache, fraction: float, seed: int = 12345) -> tuple[np.ndarray, np.ndarray]:
-    """(held-out rows, pool rows) of the labelled train split; stratified; by slide when slides are known."""
-    from datasets.splits import group_split, stratified_split
+    """(held-out rows, pool rows) of the labelled train split: search.run's holdout rule (datasets.splits)."""
+    from datasets.splits import holdout_split
 
-    rows = cache.indices("train")
-    labels = cache.labels[rows]
-    if cache.groups is not None:
-        pool, held = group_split(labels, cache.groups[rows], fraction, seed)
-    else:
-        pool, held = stratified_split(labels, fraction, seed)
-    return rows[held], rows[pool]
+    held = holdout_split(cache, fraction, seed)
+    return held, np.setdiff1d(cache.indices("train"), held)
 
 
 @run_cli

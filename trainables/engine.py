@@ -25,6 +25,21 @@ from trainables.device import prefetch_to_cuda
 from trainables.fastpath import FastPath, reuse_freed_memory
 
 
+def report_diverged(history: list, objective, on_epoch, **fields) -> dict:
+    """The epoch a trial diverged in (its loss not finite), reported and appended to ``history``: val AUC 0.5 (a
+    diverged net is a constant predictor), and the objective so far (``objective`` = trainables.loop.best_of). Tune
+    needs the metric in every result; the search tells TPE a diverged trial FAILED and ranks it last."""
+    nan = float("nan")
+    metrics = {"val_auc": 0.5, "val_loss": nan, "val_acc": nan, "train_loss": nan, "images_per_s": 0.0,
+               "trial_status": "diverged", **fields}
+    best, at = objective(history)
+    metrics.update(best_val_auc=0.5 if best != best else best, best_epoch=at)
+    history.append(metrics)
+    if on_epoch:
+        on_epoch(metrics, None, None)
+    return metrics
+
+
 class Diverged(Exception):
     """The training loss became NaN/inf."""
 
@@ -231,6 +246,8 @@ def evaluate(model, criterion, cache, val_idx, cfg, path: FastPath | None = None
     """Validation loss/AUC/accuracy (plain BCE, no smoothing: comparable across configs)."""
     from sklearn.metrics import roc_auc_score
     probs = predict_views(model, cache.images, cfg, val_idx, path=path)
+    if not np.isfinite(probs).all():  # weights blown up while the training loss still looked finite
+        raise Diverged("validation predictions are not finite")
     labels = cache.labels[val_idx].astype(np.float32)
     p = np.clip(probs, 1e-7, 1 - 1e-7)
     loss = float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())

@@ -13,7 +13,7 @@ from datasets.errors import UserError
 from trainables.config import fast_path, resolve_config
 from trainables.device import claim_device, out_of_memory, pick_device
 from trainables.engine import (Diverged, SmoothedBCE, batches_per_epoch, epoch_seed, evaluate, make_optimizer,
-                               resolve_pos_weight, train_one_epoch)
+                               report_diverged, resolve_pos_weight, train_one_epoch)
 from trainables.fastpath import reuse_freed_memory
 from trainables.models import build_model
 from trainables.probe import fit_on_features, uses_cached_features
@@ -93,24 +93,17 @@ def _fit(cfg, cache, train_idx, val_idx, on_epoch, resume, progress, stop_epoch,
         try:
             train_loss, seen = train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg,
                                                device, epoch, path, progress, scaler)
+            train_s = time.perf_counter() - t0
+            ev = evaluate(model, criterion, cache, np.asarray(val_idx), cfg, path) \
+                if val_idx is not None and len(val_idx) else None
         except Diverged:
-            metrics = {"epoch": epoch, "val_auc": 0.5, "val_loss": float("nan"), "val_acc": float("nan"),
-                       "train_loss": float("nan"), "lr": float(sched.get_last_lr()[0]),
-                       "epoch_seconds": time.perf_counter() - t0, "images_per_s": 0.0,
-                       "trial_status": "diverged", "fast_path": path.name, "device": str(device)}
-            best, at = best_of(history)
-            # Tune needs the metric in every result; the search tells TPE a diverged trial FAILED and ranks it last.
-            metrics.update(best_val_auc=0.5 if best != best else best, best_epoch=at)
-            history.append(metrics)
-            if on_epoch:
-                on_epoch(metrics, None, None)
+            report_diverged(history, best_of, on_epoch, epoch=epoch, lr=float(sched.get_last_lr()[0]),
+                            epoch_seconds=time.perf_counter() - t0, fast_path=path.name, device=str(device))
             break
-        train_s = time.perf_counter() - t0
         metrics = {"epoch": epoch, "train_loss": float(train_loss), "lr": float(sched.get_last_lr()[0]),
                    "fast_path": path.name, "device": str(device)}
         preds = None
-        if val_idx is not None and len(val_idx):
-            ev = evaluate(model, criterion, cache, np.asarray(val_idx), cfg, path)
+        if ev is not None:
             preds = (ev.pop("labels"), ev.pop("probs"))
             metrics.update(ev)
         metrics.update(epoch_seconds=time.perf_counter() - t0, images_per_s=seen / train_s,

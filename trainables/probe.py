@@ -16,7 +16,8 @@ import torch
 
 from trainables.config import resolve_config
 from trainables.embeddings import FEATURES, ensure_embeddings, frozen_backbone, uses_cached_features  # noqa: F401
-from trainables.engine import SmoothedBCE, batches_per_epoch, epoch_seed, make_optimizer, resolve_pos_weight
+from trainables.engine import (SmoothedBCE, batches_per_epoch, epoch_seed, make_optimizer, report_diverged,
+                               resolve_pos_weight)
 from trainables.heads import make_head, reset_head
 
 
@@ -61,6 +62,8 @@ def _scores(head, feats: torch.Tensor, labels: np.ndarray) -> dict:
     head.eval()
     with torch.inference_mode():
         probs = torch.sigmoid(head(feats).squeeze(-1).float()).numpy()
+    if not np.isfinite(probs).all():  # a blown-up head: fit_on_features reports the epoch as diverged
+        return {"probs": probs}
     p = np.clip(probs, 1e-7, 1 - 1e-7)
     y = labels.astype(np.float32)
     return {"val_loss": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
@@ -132,20 +135,14 @@ def fit_on_features(cfg: dict, cache, train_idx: np.ndarray, val_idx, on_epoch, 
         seen = min(len(order), n_batches * bs)
         train_loss = float(total) / seen
         metrics = {"epoch": epoch, "lr": float(sched.get_last_lr()[0]), "fast_path": "cached features"}
-        if not np.isfinite(train_loss):
-            metrics.update(val_auc=0.5, val_loss=float("nan"), val_acc=float("nan"), train_loss=float("nan"),
-                           epoch_seconds=time.perf_counter() - t0, images_per_s=0.0, trial_status="diverged")
-            best, at = objective(history)
-            metrics.update(best_val_auc=0.5 if best != best else best, best_epoch=at)
-            history.append(metrics)
-            if on_epoch:
-                on_epoch(metrics, None, None)
-            break
         train_s = time.perf_counter() - t0
+        ev = _scores(head, x_val, cache.labels[val_idx]) if x_val is not None and np.isfinite(train_loss) else None
+        if not np.isfinite(train_loss) or (ev is not None and not np.isfinite(ev["probs"]).all()):
+            report_diverged(history, objective, on_epoch, **metrics, epoch_seconds=time.perf_counter() - t0)
+            break
         metrics["train_loss"] = train_loss
         preds = None
-        if x_val is not None:
-            ev = _scores(head, x_val, cache.labels[val_idx])
+        if ev is not None:
             preds = (ev.pop("labels"), ev.pop("probs"))
             metrics.update(ev)
         metrics.update(epoch_seconds=time.perf_counter() - t0, images_per_s=seen / max(train_s, 1e-9),
