@@ -180,8 +180,8 @@ def test_importing_other_torchvision_weights_gives_other_features(small_cache, t
 
 
 def test_a_recomputed_feature_folder_is_not_served_from_the_last_trials_memory(tmp_path):
-    """Ray reuses a probe search's workers and keeps the last training matrix: a folder written again in place
-    (deleted and recomputed) must be read again, not served from that memory."""
+    """A folder written again in place (deleted and recomputed) is read again: a trial's training features come from
+    the file, not from what an earlier trial in this (reused) worker process read."""
     from trainables.probe import _training_features
 
     folder = tmp_path / "feats"
@@ -194,5 +194,22 @@ def test_a_recomputed_feature_folder_is_not_served_from_the_last_trials_memory(t
         return embeddings.open_embeddings(folder)
 
     rows = np.arange(4)
-    assert float(_training_features(write(1.0), rows, [0, 1])[0, 0]) == 1.0
-    assert float(_training_features(write(2.0), rows, [0, 1])[0, 0]) == 2.0
+    assert float(_training_features(write(1.0), rows, [0, 1])[[0]][0, 0]) == 1.0
+    assert float(_training_features(write(2.0), rows, [0, 1])[[0]][0, 0]) == 2.0
+
+
+def test_training_features_are_read_a_batch_at_a_time_with_the_moments_of_all_of_them():
+    """Example e is view e % V of training row e // V, read from the memmap; the moments are those of the whole
+    (rows x views, D) matrix that a float32 copy would have held."""
+    from trainables.probe import TrainingFeatures
+
+    feats = np.random.default_rng(0).normal(size=(10, 8, 5)).astype(np.float16)
+    rows, views = np.array([1, 4, 7]), [0, 3, 5]
+    x = TrainingFeatures(feats, rows, views)
+    full = feats[rows][:, views].astype(np.float32).reshape(-1, 5)
+    assert len(x) == 9
+    order = np.array([8, 0, 4, 3])
+    assert np.array_equal(x[order].numpy(), full[order])
+    mean, std = x.moments(chunk=2)
+    assert np.allclose(mean.numpy(), full.mean(0), atol=1e-5)
+    assert np.allclose(std.numpy(), full.std(0, ddof=1), atol=1e-5)

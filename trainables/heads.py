@@ -16,7 +16,7 @@ HEADS = ("linear", "mlp")
 
 
 class FeatureNorm(nn.Module):
-    """(x - mean) / std per feature; the statistics are set once from the training features (set_stats)."""
+    """(x - mean) / std per feature; the statistics are set once from the training features (set_moments)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -24,10 +24,10 @@ class FeatureNorm(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     @torch.no_grad()
-    def set_stats(self, features: torch.Tensor) -> None:
-        f = features.reshape(-1, features.shape[-1]).float()
-        self.mean.copy_(f.mean(0))
-        self.std.copy_(f.std(0).clamp_min(1e-4))
+    def set_moments(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The training features' per-feature mean and standard deviation (trainables.probe.TrainingFeatures)."""
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp_min(1e-4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (torch.flatten(x, 1) - self.mean) / self.std
