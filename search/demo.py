@@ -41,12 +41,13 @@ def summary(results: Path, name: str) -> list[str]:
     best = json.loads((out / "best_config.json").read_text())
     refit = json.loads((out / "refit.json").read_text())
     config = ", ".join(f"{k} {_value(best['config'][k])}" for k in SHOWN_KEYS if best["config"].get(k) is not None)
-    auc = refit.get("test_auc")
+    auc, ci = refit.get("test_auc"), refit.get("test_auc_ci")
     uri = best["tracking_uri"]
     return [
         f"best config (trial {best['trial_id']}, val AUC {best['best_val_auc']:.3f} at epoch {best['best_epoch']}): "
         f"{config}",
-        (f"test AUC {auc:.3f}" if auc is not None else "test AUC: no test labels") +
+        (f"test AUC {auc:.3f}" + (f" (95 % CI {ci[0]:.3f}-{ci[1]:.3f})" if ci and None not in ci else "")
+         if auc is not None else "test AUC: no test labels") +
         f" (the winner refit on {refit['n_train']:,} labelled patches for {refit['epochs']} epoch(s), "
         f"{'8-view TTA' if refit.get('tta') else 'no TTA'})",
         f"submission: {refit.get('submission') or out / 'submission.csv'}",

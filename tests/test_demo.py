@@ -38,8 +38,9 @@ def test_demo_ends_with_the_best_config_the_test_auc_and_where_things_are(tmp_pa
     config, auc, submission, ui = _closing_lines(out, "quick")
     assert config.startswith(f"best config (trial {best['trial_id']}, val AUC {best['best_val_auc']:.3f} at epoch "
                              f"{best['best_epoch']}): backbone baseline_bn, lr {best['config']['lr']:.3g}, ")
-    assert auc.startswith(f"test AUC {refit['test_auc']:.3f} (the winner refit on {refit['n_train']:,} labelled "
-                          f"patches for {best['best_epoch']} epoch(s), 8-view TTA)")
+    lo, hi = refit["test_auc_ci"]
+    assert auc.startswith(f"test AUC {refit['test_auc']:.3f} (95 % CI {lo:.3f}-{hi:.3f}) (the winner refit on "
+                          f"{refit['n_train']:,} labelled patches for {best['best_epoch']} epoch(s), 8-view TTA)")
     assert submission == f"submission: {results / 'quick' / 'submission.csv'}"
     assert pd.read_csv(results / "quick" / "submission.csv")["label"].between(0, 1).all()
     assert ui.startswith(f"MLflow UI: make ui (= mlflow ui --backend-store-uri sqlite:///{results}/mlflow.db ")
