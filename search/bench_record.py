@@ -115,7 +115,7 @@ def auc(labels, probs) -> float:
 
 def record_one(c: dict, cache, rows, held, args) -> dict:
     """Train one config to max epochs with trainables.train.fit; one entry per epoch."""
-    from trainables.train import fit, model_from_state, predict_views
+    from trainables.train import fit, model_from_checkpoint_state, predict_views
 
     train_idx, val_idx = rows
     held_x, held_shift, held_y, val_shift = held
@@ -126,7 +126,7 @@ def record_one(c: dict, cache, rows, held, args) -> dict:
         e = {"epoch": m["epoch"], "status": m["trial_status"], "seconds": round(m["epoch_seconds"], 3),
              "train_loss": _r(m["train_loss"]), "val_loss": _r(m["val_loss"]), "val_auc": _r(m["val_auc"])}
         if state is not None:
-            model = model_from_state(state["config"], state["model"])
+            model = model_from_checkpoint_state(state)  # a depth-0 config's is its head on the frozen backbone
             n, probs = len(held_y), predict_views(model, np.concatenate([held_x, held_shift, val_shift]), state["config"])
             e["heldout_auc"], e["shifted_auc"] = _r(auc(held_y, probs[:n])), _r(auc(held_y, probs[n:2 * n]))
             e["val_shifted_auc"] = _r(auc(cache.labels[val_idx], probs[2 * n:]))  # validating under the shift

@@ -67,10 +67,15 @@ def model_from_state(config: dict, state_dict: dict, device: torch.device | str 
     return (model if device is None else model.to(device)).eval()
 
 
+def model_from_checkpoint_state(state: dict) -> nn.Module:
+    """The network of a checkpoint dict (what fit hands its on_epoch, and a Tune checkpoint holds), in eval mode."""
+    if "head" in state:  # a probe trial checkpoints its head only (trainables.probe)
+        from trainables.probe import model_with_head
+        return model_with_head(state["config"], state["head"])
+    return model_from_state(state["config"], state["model"])
+
+
 def load_checkpoint_model(folder: str | os.PathLike) -> tuple[nn.Module, dict, int]:
     """(model in eval mode on the CPU, config, epoch) of a Tune checkpoint folder (what every trial saves)."""
     state = load_checkpoint(folder)
-    if "head" in state:  # a probe trial checkpoints its head only (trainables.probe)
-        from trainables.probe import model_with_head
-        return model_with_head(state["config"], state["head"]), state["config"], int(state["epoch"])
-    return model_from_state(state["config"], state["model"]), state["config"], int(state["epoch"])
+    return model_from_checkpoint_state(state), state["config"], int(state["epoch"])

@@ -5,7 +5,8 @@ the public API the search and refit use, gathered from the modules that hold eac
     trainables.engine       batches, loss, optimiser, train_one_epoch, predict_views, evaluate
     trainables.loop         fit (the epoch loop), best_of (the search's objective)
     trainables.trainable    train_pcam (the Ray Tune function trainable), checkpoints, trial_cpus
-    trainables.model_files  save_model, load_model, model_from_state, load_checkpoint_model, predict_proba
+    trainables.model_files  save_model, load_model, model_from_state, model_from_checkpoint_state,
+                            load_checkpoint_model, predict_proba
 
     python -m trainables.train --backbone baseline_bn --epochs 2 [--data-dir DIR] [--lr 1e-3] ...
 """
@@ -21,8 +22,8 @@ from trainables.engine import (Diverged, SmoothedBCE, batches_per_epoch, evaluat
 from trainables.device import DEVICE_HELP, check_device
 from trainables.fastpath import PRECISIONS
 from trainables.loop import best_of, fit  # noqa: F401
-from trainables.model_files import (load_checkpoint_model, load_model, model_from_state, predict_proba,  # noqa: F401
-                                    save_model)
+from trainables.model_files import (load_checkpoint_model, load_model, model_from_checkpoint_state,  # noqa: F401
+                                    model_from_state, predict_proba, save_model)
 from trainables.trainable import (CHECKPOINT_FILE, PREDICTIONS_FILE, in_tune_session, load_checkpoint,  # noqa: F401
                                   save_checkpoint, train_pcam, trial_cpus)
 

@@ -1,0 +1,40 @@
+"""search.bench_record.record_one trains a grid point with the product's own fit and scores every epoch on the
+held-out patches, for both training paths: a network fine-tuned end to end, and a head on the embedding cache
+(unfreeze_depth 0, whose checkpoints hold the head only)."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from search import bench_record
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from datasets.cache import prepare_dataset
+    from datasets.synthetic import write_kaggle_layout
+
+    root = tmp_path_factory.mktemp("record")
+    write_kaggle_layout(root / "pcam", n=96, seed=0)
+    cache = prepare_dataset(root / "pcam", root / "cache", progress=False)
+    rows = cache.indices("train")
+    tr, va, held = rows[:32], rows[32:56], rows[56:80]
+    x = np.ascontiguousarray(cache.images[held])
+    return cache, (tr, va), (x, bench_record.stain_shift(x), cache.labels[held],
+                             bench_record.stain_shift(np.ascontiguousarray(cache.images[va])))
+
+
+@pytest.mark.parametrize("config", [
+    {"backbone": "baseline_bn", "lr": 1e-3, "weight_decay": 1e-5, "aug_strength": 0.5, "batch_size": 32,
+     "unfreeze_depth": None, "seed": 0},
+    {"backbone": "mobilenet_v2", "lr": 1e-3, "weight_decay": 1e-5, "aug_strength": 1.0, "batch_size": 32,
+     "unfreeze_depth": 0, "seed": 0},
+], ids=["fine-tuned", "head-on-cached-features"])
+def test_every_epoch_is_scored_on_the_held_out_patches(tiny, config):
+    cache, rows, held = tiny
+    rec = bench_record.record_one(config, cache, rows, held, argparse.Namespace(max_epochs=2, precision="fp32"))
+    assert rec["key"] == bench_record.config_key(config) and [e["epoch"] for e in rec["epochs"]] == [1, 2]
+    for e in rec["epochs"]:
+        assert all(0 <= e[k] <= 1 for k in ("val_auc", "heldout_auc", "shifted_auc", "val_shifted_auc"))
