@@ -8,12 +8,14 @@ strong stain/colour shift of those patches (a stand-in for another hospital's sc
 `search.bench_replay` then replays searches against the table in minutes.
 
 The recording is resumable and appends: the file is rewritten (atomically) after every configuration, and a
-rerun skips what is recorded. The grid is walked in a shuffled order (fixed seed) so that a partial table is a
+rerun skips what is recorded. Several recorders may share one file (``--shard K/N``, e.g. one per core): each
+rewrites it under a lock after re-reading it, so none drops another's records. The grid is walked in a shuffled order (fixed seed) so that a partial table is a
 balanced sample of the grid; every 8th configuration is followed by its second-seed twin (seed noise).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -191,6 +193,52 @@ def write_table(path: Path, table: dict) -> None:
     tmp.replace(path)
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock beside ``path`` (``<path>.lock``, git-ignored), held while a recorder re-reads and rewrites."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def append_to_table(path: Path, setup: dict, run: dict | None = None, record: dict | None = None) -> dict:
+    """Under the lock: re-read the file (another shard may have written), check its setup, append a run's provenance
+    or a record (its ``run`` index is set here), rewrite it atomically; returns the table as written."""
+    from datasets.errors import UserError
+
+    with locked(path):
+        table = load_table(path) if path.is_file() else {"format": FORMAT, "setup": setup, "runs": [], "records": []}
+        if json.loads(json.dumps(setup)) != table["setup"]:
+            raise UserError(f"record: {path} was recorded with another setup (grid, pool, epochs or precision); "
+                            "pass another --out or the same options")
+        if run is not None:
+            table["runs"].append(run)
+        if record is not None and record["key"] not in {r["key"] for r in table["records"]}:
+            table["records"].append(record)
+        write_table(path, table)
+    return table
+
+
+def shard_of(text: str) -> tuple[int, int]:
+    """``K/N`` (1 <= K <= N) -> (K-1, N); one line naming the option otherwise."""
+    from datasets.errors import UserError
+
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        raise UserError(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. --shard 1/2 and --shard 2/2 "
+                        "for two recorders sharing the file")
+    return k - 1, n
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(prog="python -m search.bench record", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=DEFAULT_OUT, help=f"the table, appended to (default {DEFAULT_OUT})")
@@ -202,6 +250,8 @@ def get_args_parser():
     p.add_argument("--precision", default="fp32", help="fp32 (default: the same numbers on every machine)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--limit", type=int, help="record at most this many new configurations, then stop")
+    p.add_argument("--shard", default="1/1", help="K/N: record every N-th configuration of the grid's order, "
+                   "starting at the K-th, so N recorders (one per core) share --out (default 1/1: all)")
     return p
 
 
@@ -212,30 +262,28 @@ def main(argv: list[str]) -> int:
     from datasets.errors import UserError
 
     args = get_args_parser().parse_args(argv)
+    shard, n_shards = shard_of(args.shard)
     args.data_dir = args.data_dir or str(REAL_SAMPLE)
     torch.set_num_threads(args.threads)
     cache = prepare_dataset(args.data_dir, args.cache_dir, progress=False)
     tr, va, held_rows, held_y = pool_rows(cache, args.n_train, args.n_val)
     setup = setup_of(args, (tr, va), held_rows)
     out = Path(args.out)
-    table = load_table(out) if out.is_file() else {"format": FORMAT, "setup": setup, "runs": [], "records": []}
-    if json.loads(json.dumps(setup)) != table["setup"]:
-        raise UserError(f"record: {out} was recorded with another setup (grid, pool, epochs or precision); "
-                        "pass another --out or the same options")
-    table["runs"].append(provenance(args, argv, cache))
+    table = append_to_table(out, setup, run=provenance(args, argv, cache))
     run = len(table["runs"]) - 1
     held_x = np.ascontiguousarray(cache.images[held_rows])
     held = (held_x, stain_shift(held_x), held_y, stain_shift(np.ascontiguousarray(cache.images[va])))
-    todo = [c for c in grid_configs() if config_key(c) not in {r["key"] for r in table["records"]}]
-    total = len(grid_configs())
-    print(f"recording {out}: {total - len(todo)}/{total} done, {len(todo)} to go; {len(tr)} train, {len(va)} val, "
-          f"{len(held_rows)} held-out patches, {args.max_epochs} epochs, {args.threads} thread(s)", flush=True)
-    for i, c in enumerate(todo[:args.limit]):
+    grid = grid_configs()
+    done = {r["key"] for r in table["records"]}
+    mine = [c for i, c in enumerate(grid) if i % n_shards == shard and config_key(c) not in done]
+    print(f"recording {out}: {len(done)}/{len(grid)} done, {len(mine)} to go in shard {shard + 1}/{n_shards}; "
+          f"{len(tr)} train, {len(va)} val, {len(held_rows)} held-out patches, {args.max_epochs} epochs, "
+          f"{args.threads} thread(s)", flush=True)
+    for c in mine[:args.limit]:
         rec = record_one(c, cache, (tr, va), held, args) | {"run": run}
-        table["records"].append(rec)
-        write_table(out, table)
+        table = append_to_table(out, setup, record=rec)
         last = rec["epochs"][-1]
-        print(f"[{total - len(todo) + i + 1}/{total}] {rec['key']}: val {last['val_auc']} held-out "
+        print(f"[{len(table['records'])}/{len(grid)}] {rec['key']}: val {last['val_auc']} held-out "
               f"{last.get('heldout_auc')} shifted {last.get('shifted_auc')} ({last['status']}, "
               f"{rec['wall_seconds']:.0f} s)", flush=True)
     return 0
