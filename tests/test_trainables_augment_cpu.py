@@ -161,5 +161,5 @@ def test_the_model_sees_the_same_input_whether_it_or_the_data_path_normalises():
     with torch.no_grad():
         own = model(to_input(x, cfg, aug=True, g=torch.Generator().manual_seed(0)))
         folded = model(to_input(x, cfg, aug=True, g=torch.Generator().manual_seed(0),
-                                normalise=model.input_normalisation()), normalised=True)
+                                normalise=model.input_normalization()), normalised=True)
     torch.testing.assert_close(folded, own, atol=1e-4, rtol=1e-4)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from datasets.errors import UserError
-from trainables.models import (MODELS, build_model, count_trainable, input_normalization,
-                               is_pretrainable, num_stages)
+from trainables.models import (MODELS, build_model, count_trainable, is_pretrainable, normalization_for,
+                               num_stages)
 
 TORCHVISION = [n for n in MODELS if is_pretrainable(n)]
 
@@ -62,10 +62,10 @@ def test_frozen_batchnorm_stays_in_eval_mode_after_train():
 
 
 def test_normalisation_follows_the_weights():
-    assert input_normalization("resnet18", pretrained=True)[0] == (0.485, 0.456, 0.406)
-    assert input_normalization("resnet18", pretrained=False) == input_normalization("baseline_bn")
+    assert normalization_for("resnet18", pretrained=True)[0] == (0.485, 0.456, 0.406)
+    assert normalization_for("resnet18", pretrained=False) == normalization_for("baseline_bn")
     model = build_model("baseline_bn", pretrained=False)
-    assert torch.allclose(model.mean.flatten(), torch.tensor(input_normalization("baseline_bn")[0]))
+    assert torch.allclose(model.mean.flatten(), torch.tensor(normalization_for("baseline_bn")[0]))
 
 
 def test_bad_names_and_depths_are_user_errors():

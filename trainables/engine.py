@@ -82,7 +82,7 @@ def to_input(x_u8: torch.Tensor, cfg: dict, aug: bool, g: torch.Generator | None
 def model_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion,
                path: FastPath) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward (in ``path``'s precision) of a normalised batch (to_input(..., normalise=
-    model.input_normalisation())) + loss in fp32. Returns (loss, float logits)."""
+    model.input_normalization())) + loss in fp32. Returns (loss, float logits)."""
     with path.autocast():
         logits = model(x, normalised=True)
     logits = logits.float()
@@ -163,7 +163,7 @@ def train_one_epoch(model, opt, sched, criterion, cache, train_idx, cfg, device,
     order = np.random.default_rng(seed).permutation(train_idx)
     # The augmentation's draws are a few hundred numbers per batch: made on the CPU whatever the device.
     g = torch.Generator().manual_seed(seed)
-    normalise = model.input_normalisation()
+    normalise = model.input_normalization()
     bs = int(cfg["batch_size"])
     n_batches = batches_per_epoch(len(order), bs)
     total, seen = torch.zeros((), device=device), 0

@@ -28,8 +28,9 @@ def is_pretrainable(name: str) -> bool:
     return get_backbone(name).weights is not None
 
 
-def input_normalization(name: str, pretrained: bool = True) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) the model's inputs in [0, 1] are normalised with."""
+def normalization_for(name: str, pretrained: bool = True) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a model of backbone ``name`` normalises its inputs in [0, 1] with, before any model exists
+    (build_model stores it; a built model's own is ``model.input_normalization()``)."""
     b = get_backbone(name)
     # A scratch-trained torchvision net has no ImageNet features to match: use PCam statistics.
     if b.weights is None or not pretrained:
@@ -87,12 +88,13 @@ class PcamNet(nn.Module):
             bn.eval()
         return self
 
-    def input_normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std) per channel, for a data path that normalises as it delivers (trainables.engine.to_input)."""
+    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """This model's (mean, std) per channel (its saved buffers), for a data path that normalises as it delivers
+        (trainables.engine.to_input)."""
         return tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist())
 
     def forward(self, x: torch.Tensor, normalised: bool = False) -> torch.Tensor:
-        """Logits for images in [0, 1]; or for images already normalised with input_normalisation()
+        """Logits for images in [0, 1]; or for images already normalised with input_normalization()
         (``normalised=True``: the training data path folds it into its colour pass, for free)."""
         return self.net(x if normalised else (x - self.mean) / self.std).squeeze(-1)
 
@@ -119,7 +121,7 @@ def build_model(name: str, pretrained: bool = True, unfreeze_depth: int | None =
     b = get_backbone(name)
     use_weights = pretrained and b.weights is not None
     weights = resolve_weights(name) if use_weights else None
-    mean, std = input_normalization(name, use_weights)
+    mean, std = normalization_for(name, use_weights)
     model = PcamNet(name, b.build(weights, float(dropout)), mean, std, unfreeze_depth)
     if head is not None:
         model.use_probe_head(make_head(head, head_in_features(model.head()), float(dropout), head_hidden))
