@@ -1,4 +1,4 @@
-"""trainables.bench: the figures it prints say what they are (median, min-max, CPU flags, path used)."""
+"""trainables.bench (the CLI) and its section modules: the figures it prints say what they are (median, min-max, CPU flags, path used)."""
 from __future__ import annotations
 
 import os
@@ -7,17 +7,17 @@ import re
 import numpy as np
 import pytest
 
-from trainables import bench
+from trainables import bench, bench_figures
 
 
 def test_spread_is_median_with_min_max():
-    assert bench.spread([3.0, 1.0, 2.0]) == "2 (1-3)"
-    assert bench.spread([1.5], "{:.2f}") == "1.50"
+    assert bench_figures.spread([3.0, 1.0, 2.0]) == "2 (1-3)"
+    assert bench_figures.spread([1.5], "{:.2f}") == "1.50"
 
 
 def test_ratios_are_taken_per_repeat():
     r = {"a": [{"ips": 10}, {"ips": 30}], "b": [{"ips": 5}, {"ips": 10}]}
-    assert bench.ratios(r, "a", "b") == [2.0, 3.0]
+    assert bench_figures.ratios(r, "a", "b") == [2.0, 3.0]
 
 
 @pytest.mark.parametrize("argv, match", [

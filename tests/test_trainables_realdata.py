@@ -60,7 +60,7 @@ def test_imagenet_mobilenet_v2_scores_the_real_test_patches(sample_cache, pcam_s
 @pytest.mark.parametrize("backbone, epochs", [("baseline_bn", 3), ("mobilenet_v2", 2)])
 def test_bf16_training_reaches_the_fp32_auc(sample_cache, backbone, epochs):
     """Issue 10's parity bar: the same config and seed trained in bf16 and in fp32, |delta AUC| <= 0.005."""
-    from trainables.bench import parity_run
+    from trainables.bench_parity import parity_run
     if backbone == "mobilenet_v2":
         from trainables.weights import missing_weights
         if missing_weights(["mobilenet_v2"]):
