@@ -244,13 +244,18 @@ def predict_views(model, images: np.ndarray, cfg: dict, idx: np.ndarray | None =
 
 def evaluate(model, criterion, cache, val_idx, cfg, path: FastPath | None = None) -> dict:
     """Validation loss/AUC/accuracy (plain BCE, no smoothing: comparable across configs)."""
-    from sklearn.metrics import roc_auc_score
     probs = predict_views(model, cache.images, cfg, val_idx, path=path)
     if not np.isfinite(probs).all():  # weights blown up while the training loss still looked finite
         raise Diverged("validation predictions are not finite")
     labels = cache.labels[val_idx].astype(np.float32)
-    p = np.clip(probs, 1e-7, 1 - 1e-7)
-    loss = float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
-    auc = float(roc_auc_score(labels, probs)) if 0 < labels.sum() < len(labels) else 0.5
-    acc = float(((probs >= 0.5) == (labels == 1)).mean())
-    return {"val_loss": loss, "val_auc": auc, "val_acc": acc, "labels": labels, "probs": probs}
+    return {**validation_scores(labels, probs), "labels": labels, "probs": probs}
+
+
+def validation_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """val_loss (scikit-learn's log loss of the probabilities, clipped to [1e-7, 1 - 1e-7]: one confident miss
+    costs at most ~16, not infinity), val_auc (0.5 when one class is missing) and val_acc (threshold 0.5)."""
+    from sklearn.metrics import log_loss, roc_auc_score
+    clipped = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
+    return {"val_loss": float(log_loss(labels, clipped, labels=[0, 1])),
+            "val_auc": float(roc_auc_score(labels, probs)) if 0 < labels.sum() < len(labels) else 0.5,
+            "val_acc": float(((probs >= 0.5) == (labels == 1)).mean())}

@@ -17,7 +17,7 @@ import torch
 from trainables.config import resolve_config
 from trainables.embeddings import FEATURES, ensure_embeddings, frozen_backbone, uses_cached_features  # noqa: F401
 from trainables.engine import (SmoothedBCE, batches_per_epoch, epoch_seed, make_optimizer, report_diverged,
-                               resolve_pos_weight)
+                               resolve_pos_weight, validation_scores)
 from trainables.heads import make_head, reset_head
 
 
@@ -58,17 +58,13 @@ def _in_tune_session() -> bool:
 
 
 def _scores(head, feats: torch.Tensor, labels: np.ndarray) -> dict:
-    from sklearn.metrics import roc_auc_score
     head.eval()
     with torch.inference_mode():
         probs = torch.sigmoid(head(feats).squeeze(-1).float()).numpy()
     if not np.isfinite(probs).all():  # a blown-up head: fit_on_features reports the epoch as diverged
         return {"probs": probs}
-    p = np.clip(probs, 1e-7, 1 - 1e-7)
     y = labels.astype(np.float32)
-    return {"val_loss": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
-            "val_auc": float(roc_auc_score(y, probs)) if 0 < y.sum() < len(y) else 0.5,
-            "val_acc": float(((probs >= 0.5) == (y == 1)).mean()), "labels": y, "probs": probs}
+    return {**validation_scores(y, probs), "labels": y, "probs": probs}
 
 
 class TrainingFeatures:
