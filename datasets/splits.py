@@ -3,6 +3,10 @@
 Random patch splits leak slides: neighbouring patches of one whole-slide image are near-duplicates,
 so a patch-level split puts the same tissue on both sides and inflates validation AUC. When a
 patch -> slide map is known the split is by slide; the official PCam split is used as it is.
+
+One policy for every split (train/validation here, the search's holdout, the refit's folds in search.ensemble):
+``stratified_folds``, scikit-learn's StratifiedGroupKFold / StratifiedKFold; a fraction is m of its K folds
+(``split_off``).
 """
 from __future__ import annotations
 
@@ -11,40 +15,57 @@ import numpy as np
 from datasets.errors import UserError
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (into ``labels``) of a seeded split with the class balance kept on both sides."""
-    rng = np.random.default_rng(seed)
-    val = []
-    for c in np.unique(labels):
-        pos = rng.permutation(np.flatnonzero(labels == c))
-        val.append(pos[: max(1, int(round(len(pos) * val_fraction)))])
-    val = np.sort(np.concatenate(val))
-    return np.setdiff1d(np.arange(len(labels)), val), val
+MAX_FOLDS = 10  # a fraction is taken as m of K folds, K <= MAX_FOLDS (see split_off)
 
 
-def group_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of a seeded split in which no group (slide) is on both sides.
+def stratified_folds(labels: np.ndarray, groups: np.ndarray | None, k: int,
+                     seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The one split policy of the project (train/validation, the search's holdout, the refit's ``--folds``):
+    ``k`` seeded stratified folds, by slide when ``groups`` is given (no slide in two folds).
 
-    Slides are dealt to validation in a seeded order, each time taking the slide that brings the
-    validation positive rate closest to the overall one, until the validation share is reached.
+    scikit-learn's StratifiedGroupKFold (groups) or StratifiedKFold (no groups), ``shuffle=True,
+    random_state=seed``: every row is held out by exactly one fold; StratifiedKFold keeps each fold's class
+    counts within one of the overall share, StratifiedGroupKFold deals whole slides to the folds so that each
+    fold's class balance comes as close to the overall one as whole slides allow (fold sizes follow the slides).
+    Returns [(train positions, held positions)] into ``labels``, each sorted. Callers check k against the data.
     """
-    slides, inverse = np.unique(groups, return_inverse=True)
-    if len(slides) < 2:
-        raise UserError(f"the slide map puts every patch on one slide ({slides[0]!r}); a slide-level split needs "
-                        f"at least two slides (remove the slide map to split by patch)")
-    n_per = np.bincount(inverse, minlength=len(slides))
-    pos_per = np.bincount(inverse, weights=labels == 1, minlength=len(slides))
-    target_n, target_rate = val_fraction * len(labels), (labels == 1).mean()
-    order = list(np.random.default_rng(seed).permutation(len(slides)))
-    chosen, n, pos = [], 0, 0.0
-    while order and n < target_n and len(chosen) < len(slides) - 1:
-        window = order[: max(1, min(len(order), 5))]  # a little greedy look-ahead, still seed-driven
-        best = min(window, key=lambda s: abs((pos + pos_per[s]) / (n + n_per[s]) - target_rate))
-        order.remove(best)
-        chosen.append(best)
-        n, pos = n + n_per[best], pos + pos_per[best]
-    val = np.sort(np.flatnonzero(np.isin(inverse, chosen)))
-    return np.setdiff1d(np.arange(len(labels)), val), val
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    if groups is None:
+        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(labels, labels)
+    else:
+        splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(labels, labels, groups)
+    return [(np.sort(tr), np.sort(va)) for tr, va in splits]
+
+
+def folds_for(fraction: float, most: int) -> tuple[int, int]:
+    """(m, K): the share ``fraction`` as m of K folds, the closest with 2 <= K <= ``most`` (fewest K on a tie)."""
+    return min(((m, k) for k in range(2, most + 1) for m in range(1, k)),
+               key=lambda mk: (abs(mk[0] / mk[1] - fraction), mk[1]))
+
+
+def split_off(labels: np.ndarray, groups: np.ndarray | None, fraction: float,
+              seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into ``labels``) of (the rest, ``fraction`` held out): the first m of K stratified_folds.
+
+    The held share is m/K, the closest to ``fraction`` with K <= MAX_FOLDS folds, no more folds than the rarer
+    class has patches and, by slide, than there are slides: 0.2 is 1 of 5 folds, 0.1 1 of 10, 0.25 1 of 4,
+    0.3 3 of 10, 0.15 1 of 7 (14.3 %). By slide the held share also follows the slides' sizes.
+    """
+    fewest = int(np.bincount(labels.astype(np.int64), minlength=2).min())
+    most = min(MAX_FOLDS, fewest)
+    if groups is not None:
+        n_slides = len(np.unique(groups))
+        if n_slides < 2:
+            raise UserError(f"the slide map puts every patch on one slide ({groups[0]!r}); a slide-level split "
+                            f"needs at least two slides (remove the slide map to split by patch)")
+        most = min(most, n_slides)
+    if most < 2:
+        raise UserError(f"only {fewest} labelled patch(es) of one class: too few to split off a stratified "
+                        f"{fraction:g}; use more data")
+    m, k = folds_for(fraction, most)
+    held = np.sort(np.concatenate([va for _, va in stratified_folds(labels, groups, k, seed)[:m]]))
+    return np.setdiff1d(np.arange(len(labels)), held), held
 
 
 def validation_kind(cache) -> str:
@@ -68,10 +89,7 @@ def holdout_split(cache, fraction: float, seed: int = 0) -> np.ndarray:
         raise UserError(f"--holdout {fraction}: must be 0 (no holdout) or a fraction below 0.5 (e.g. 0.1)")
     rows = cache.indices("train")
     labels = cache.labels[rows]
-    if cache.groups is not None:
-        _, held = group_split(labels, cache.groups[rows], fraction, seed)
-    else:
-        _, held = stratified_split(labels, fraction, seed)
+    _, held = split_off(labels, None if cache.groups is None else cache.groups[rows], fraction, seed)
     if len(np.unique(labels[held])) < 2:
         raise UserError(f"--holdout {fraction}: the holdout ({len(held)} patches) lacks one class, so its AUC is "
                         f"undefined; use a larger fraction, or --holdout 0")
@@ -83,7 +101,8 @@ def train_val_split(cache, val_fraction: float = 0.2, seed: int = 0, use_groups:
     """Row indices (into cache.images) of training and validation patches, none of them in ``exclude`` (the
     search's holdout).
 
-    Official 'valid' split if the cache has one; else by slide when cache.groups is known; else stratified.
+    Official 'valid' split if the cache has one (used as it is, less ``exclude``); else ``val_fraction`` split off
+    by split_off (scikit-learn's stratified K-fold, by slide when cache.groups is known and ``use_groups``).
     """
     exclude = np.empty(0, dtype=np.int64) if exclude is None else np.asarray(exclude)
     valid = cache.indices("valid")
@@ -93,10 +112,8 @@ def train_val_split(cache, val_fraction: float = 0.2, seed: int = 0, use_groups:
         raise UserError(f"val_fraction {val_fraction}: must be between 0 and 1 (e.g. 0.2)")
     rows = np.setdiff1d(cache.indices("train"), exclude)
     labels = cache.labels[rows]
-    if cache.groups is not None and use_groups:
-        tr, va = group_split(labels, cache.groups[rows], val_fraction, seed)
-    else:
-        tr, va = stratified_split(labels, val_fraction, seed)
+    tr, va = split_off(labels, cache.groups[rows] if cache.groups is not None and use_groups else None,
+                       val_fraction, seed)
     if len(np.unique(labels[va])) < 2 or len(np.unique(labels[tr])) < 2:
         raise UserError(f"the validation split ({len(va)} patches) lacks one class, so AUC is undefined; "
                         f"use more data or a larger val_fraction")

@@ -76,23 +76,21 @@ def fold_members(base: Member, labels: np.ndarray, groups: np.ndarray | None, k:
 
 
 def fold_positions(labels: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Seeded stratified folds, slide-grouped (no slide in two folds) when ``groups`` is given."""
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    """Seeded stratified folds, slide-grouped (no slide in two folds) when ``groups`` is given: the split policy of
+    datasets.splits.stratified_folds (the same as the search's train/validation and holdout splits)."""
+    from datasets.splits import stratified_folds
 
     fewest = int(np.bincount(labels.astype(np.int64), minlength=2).min())
     if k < 2:
         raise UserError(f"--folds {k}: needs at least 2 folds")
     if k > fewest:
         raise UserError(f"--folds {k}: the labelled data holds only {fewest} patch(es) of one class; use --folds {max(2, fewest)} or fewer")
-    if groups is None:
-        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(labels, labels)
-    else:
+    if groups is not None:
         n_slides = len(np.unique(groups))
         if k > n_slides:
             raise UserError(f"--folds {k}: the slide map knows only {n_slides} slides and folds are by slide; "
                             f"use --folds {n_slides} or fewer")
-        splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(labels, labels, groups)
-    folds = [(np.sort(tr), np.sort(va)) for tr, va in splits]
+    folds = stratified_folds(labels, groups, k, seed)
     for i, (tr, _) in enumerate(folds, 1):
         if len(np.unique(labels[tr])) < 2:
             raise UserError(f"--folds {k}: fold {i}'s training rows hold one class only; use fewer folds")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from datasets.cache import PatchCache, prepare_dataset
-from datasets.splits import train_val_split
+from datasets.splits import folds_for, holdout_split, stratified_folds, train_val_split
 from datasets.synthetic import CENTRE, generate, write_kaggle_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +47,43 @@ def test_official_valid_split_is_used():
     split = ["train"] * 8 + ["valid"] * 4 + ["test"] * 3
     tr, va = train_val_split(fake_cache([0, 1] * 7 + [0], split=split), 0.5, seed=0)
     assert list(tr) == list(range(8)) and list(va) == [8, 9, 10, 11]
+
+
+def test_a_fraction_is_m_of_k_stratified_folds_the_refit_folds_policy():
+    """One policy: a split's validation rows are the first m of K folds of stratified_folds (scikit-learn's
+    StratifiedGroupKFold by slide, else StratifiedKFold), the splitter the refit's --folds use."""
+    assert folds_for(0.2, 10) == (1, 5) and folds_for(0.1, 10) == (1, 10) and folds_for(0.3, 10) == (3, 10)
+    assert folds_for(0.15, 10) == (1, 7) and folds_for(0.2, 3) == (1, 3)
+    rng = np.random.default_rng(0)
+    groups = np.array([f"s{g}" for g in rng.integers(0, 25, 1000)])
+    labels = (rng.random(1000) < 0.4).astype(int)
+    for g in (groups, None):
+        _, va = train_val_split(fake_cache(labels, g), 0.2, seed=5)
+        assert np.array_equal(va, stratified_folds(labels, g, 5, seed=5)[0][1])
+    _, va = train_val_split(fake_cache(labels), 0.3, seed=0)
+    assert len(va) == 300 and labels[va].mean() == pytest.approx(labels.mean(), abs=0.01)
+
+
+def test_holdout_then_validation_by_slide_never_share_a_row_or_a_slide():
+    rng = np.random.default_rng(1)
+    groups = np.array([f"s{g}" for g in rng.integers(0, 40, 2000)])
+    labels = (rng.random(2000) < 0.4).astype(int)
+    cache = fake_cache(labels, groups)
+    held = holdout_split(cache, 0.1, seed=0)
+    tr, va = train_val_split(cache, 0.2, seed=0, exclude=held)
+    assert 0.05 < len(held) / 2000 < 0.15 and len(np.intersect1d(held, np.concatenate([tr, va]))) == 0
+    assert len(tr) + len(va) + len(held) == 2000
+    sides = [set(groups[r]) for r in (held, tr, va)]
+    assert all(a.isdisjoint(b) for i, a in enumerate(sides) for b in sides[i + 1:])
+    assert np.array_equal(held, holdout_split(cache, 0.1, seed=0))  # seeded
+
+
+def test_a_split_without_enough_of_a_class_or_slides_is_one_line():
+    from datasets.errors import UserError
+    with pytest.raises(UserError, match="every patch on one slide"):
+        train_val_split(fake_cache([0, 1] * 10, ["s"] * 20), 0.2)
+    with pytest.raises(UserError, match="only 1 labelled patch"):
+        train_val_split(fake_cache([0] * 19 + [1]), 0.2)
 
 
 def test_synthetic_label_rule_matches_tumour_masks():
