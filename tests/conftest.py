@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 REPO = Path(__file__).resolve().parents[1]
+# Test doubles (tests/support: the toy trainable) are imported as tests.support.*, here and in the Ray workers a
+# test starts (they unpickle a trainable by its module's name): the repository root on sys.path and on
+# $PYTHONPATH, which the workers inherit, wherever pytest was started from.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+if str(REPO) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)
 PCAM_SAMPLE = Path(os.environ.get("PCAM_SAMPLE_DIR", REPO.parent / "shared" / "pcam_sample"))
 
 

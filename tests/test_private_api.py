@@ -17,7 +17,7 @@ UPDATE = "a Ray/Optuna upgrade changed it: update search/private_api.py"
 def _tuner(storage, name: str, epoch_seconds: float = 0.0, epochs: int = 2):
     from ray import tune
 
-    from trainables.toy import toy_trainable
+    from tests.support.toy import toy_trainable
 
     return tune.Tuner(
         tune.with_resources(toy_trainable, {"cpu": 1}),
@@ -69,7 +69,7 @@ def test_result_grid_trials_and_restored_run_config(ray_local, tmp_path):
 
 
 def _toy():
-    from trainables.toy import toy_trainable
+    from tests.support.toy import toy_trainable
 
     return toy_trainable
 

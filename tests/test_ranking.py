@@ -10,7 +10,7 @@ import pytest
 
 from search import ensemble, error_bars, refit_find, report, searcher
 from search.outcome import Outcome, rank_key
-from trainables.toy import toy_auc
+from tests.support.toy import toy_auc
 
 MAX_T = 4
 # Run one at a time, in this order (toy curves: auc(q, e) = 0.5 + 0.45 q (1 - 0.6^e)):
@@ -31,7 +31,7 @@ def stopped_beats_completed(ray_local, tmp_path_factory):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from trainables.toy import toy_trainable
+    from tests.support.toy import toy_trainable
 
     tmp = tmp_path_factory.mktemp("ranking")
     storage = f"sqlite:///{tmp}/optuna.db"

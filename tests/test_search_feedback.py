@@ -1,6 +1,6 @@
 """What TPE is told, checked against what a real Ray Tuner with ASHA actually delivers.
 
-The trainable (trainables.toy) reports a known AUC curve per config, so every value Optuna should hold is known.
+The trainable (tests.support.toy) reports a known AUC curve per config, so every value Optuna should hold is known.
 Nothing here calls the searcher's hooks by hand: Ray decides the order (and, for the result at which ASHA stops
 a trial, skips on_trial_result), and the persisted study is read back afterwards.
 """
@@ -14,7 +14,7 @@ import pytest
 
 from search import report, searcher
 from search.outcome import asha_rungs
-from trainables.toy import toy_auc
+from tests.support.toy import toy_auc
 
 MAX_T, GRACE, RF = 4, 1, 2
 RUNGS = asha_rungs(GRACE, RF, MAX_T)  # {1, 2}
@@ -32,7 +32,7 @@ def _run(tmp_path, name, num_samples, time_budget_s=None, epoch_seconds=0.0, fee
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from trainables.toy import toy_trainable
+    from tests.support.toy import toy_trainable
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     define = functools.partial(_define, epoch_seconds=epoch_seconds, failures=failures)  # picklable: Ray saves the searcher

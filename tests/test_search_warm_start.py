@@ -47,7 +47,7 @@ def test_a_time_budget_without_num_samples_keeps_proposing_trials(ray_local, tmp
     """search.run's plan and searcher under a real Tuner (the toy trainable: the search, not training, is tested)."""
     from ray import tune
 
-    from trainables.toy import toy_trainable
+    from tests.support.toy import toy_trainable
 
     plan = search_run.make_plan(["--space", "smoke", "--time-budget", str(BUDGET_S), "--results-dir", str(tmp_path)])
     assert plan.num_samples == -1 and plan.expected_trials == get_space("smoke").num_samples

@@ -1,6 +1,9 @@
 """A trainable whose validation AUC is a known function of its config and epoch, for testing the search itself.
 
-It lives in the installed package (not in tests/) because Ray workers import trainables by module name. It
+A test double: it lives with the tests (``tests.support.toy``), not in the product. Ray pickles a function by
+reference, so a worker imports this module by name: ``tests`` is a namespace package (no ``__init__.py``) found from
+the repository root, which is on every worker's path (Ray adds the driver's working directory, and tests run from
+the root with ``PYTHONPATH`` set to it; tests/conftest.py puts the root on ``sys.path`` and ``PYTHONPATH`` too). It
 reports what `trainables.train.train_pcam` reports (epoch, val_auc, the objective best_val_auc/best_epoch,
 trial_status), so the search's ASHA, TPE feedback, leaderboard and MLflow code run on it unchanged, in
 milliseconds per epoch instead of minutes.
