@@ -78,15 +78,14 @@ def bench_trainable(config: dict, cache_path: str, pool_idx: np.ndarray, models_
     from ray import tune
 
     from datasets.cache import open_cache
-    from datasets.splits import group_split, stratified_split
+    from datasets.splits import split_off
     from trainables.train import fit, resolve_config, trial_cpus
 
     torch.set_num_threads(trial_cpus())
     cfg = resolve_config(config)
     cache = open_cache(cache_path)
     labels, frac, seed = cache.labels[pool_idx], float(cfg["val_fraction"]), int(cfg["seed"])
-    tr, va = group_split(labels, cache.groups[pool_idx], frac, seed) if cache.groups is not None else \
-        stratified_split(labels, frac, seed)
+    tr, va = split_off(labels, None if cache.groups is None else cache.groups[pool_idx], frac, seed)
 
     trial_id = tune.get_context().get_trial_id()
 

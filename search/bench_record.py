@@ -76,7 +76,6 @@ def config_key(c: dict) -> str:
 def pool_rows(cache, n_train: int, n_val: int, seed: int = 18):
     """(train rows, val rows, held-out rows): a stratified sample of the labelled train split, and the test split
     (labelled by test_labels.csv), which no trial trains or validates on."""
-    from datasets.splits import stratified_split
     from datasets.test_labels import find_test_labels
     from datasets.errors import UserError
 
@@ -85,13 +84,26 @@ def pool_rows(cache, n_train: int, n_val: int, seed: int = 18):
     labels = cache.labels[rows]
     pick = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[: (n_train + n_val) // 2]
                                    for c in (0, 1)]))
-    tr, va = stratified_split(labels[pick], n_val / (n_train + n_val), seed)
+    tr, va = _fixed_val_positions(labels[pick], n_val / (n_train + n_val), seed)
     test = cache.indices("test")
     held_labels, where = find_test_labels(cache, test, cache.ids[test], None)
     if held_labels is None:
         raise UserError(f"record: the data at {cache.source.get('data_dir')} has no test labels (test_labels.csv): "
                         "the held-out patches need them")
     return rows[pick][tr], rows[pick][va], test, held_labels.astype(np.int8)
+
+
+def _fixed_val_positions(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) positions of the recorded table's pool, drawn as when recording began (a seeded permutation per
+    class): the table's setup holds their hash (rows_sha256), so these rows must not move with datasets.splits'
+    policy (scikit-learn's stratified folds), or the recording could not resume."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        pos = rng.permutation(np.flatnonzero(labels == c))
+        val.append(pos[: max(1, int(round(len(pos) * val_fraction)))])
+    val = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(labels)), val), val
 
 
 def provenance(args, argv, cache) -> dict:
