@@ -236,7 +236,7 @@ class Ensemble:
         if len(self.members) == 1:
             return save_model(path, *self.members[0])
         blob = {"format": ENSEMBLE_FORMAT,
-                "members": [{"name": name, "config": resolve_config(cfg), "state_dict": net.state_dict()}
+                "members": [{"name": name, "config": dict(resolve_config(cfg)), "state_dict": net.state_dict()}
                             for name, (net, cfg) in zip(self.names, self.members)]}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         torch.save(blob, tmp)

@@ -314,3 +314,49 @@ def test_validation_loss_is_sklearns_log_loss_and_equals_the_former_formula():
     s = validation_scores(y, probs)
     assert s["val_acc"] == pytest.approx(((probs >= 0.5) == (y == 1)).mean())
     assert validation_scores(np.ones(5, np.float32), probs[:5])["val_auc"] == 0.5
+
+
+def test_a_config_is_resolved_once_and_the_registry_asked_once_on_the_way_to_a_model(toy_cache, tmp_path, monkeypatch):
+    """train_pcam resolves the user's dict once; fit, the model and its weights take that ResolvedConfig (and its
+    backbone_spec) as it is. Counted on a torchvision backbone, whose build also finds its weights."""
+    import trainables.backbones
+    from trainables.config import ResolvedConfig
+
+    asked = []
+    real = trainables.backbones.get_backbone
+
+    def counting(name):
+        asked.append(name)
+        return real(name)
+    for module in ("trainables.config", "trainables.models", "trainables.weights", "trainables.backbones"):
+        monkeypatch.setattr(f"{module}.get_backbone", counting)
+    cfg = {**TINY, "backbone": "mobilenet_v2", "pretrained": True, "epochs": 1, "unfreeze_depth": 1}
+    model, history = train_pcam(cfg, cache_path=str(toy_cache.path), device="cpu")
+    assert asked == ["mobilenet_v2"] and history[-1]["epoch"] == 1
+    resolved = resolve_config(cfg)
+    assert isinstance(resolved, ResolvedConfig) and resolve_config(resolved) is resolved
+    assert resolved == resolve_config(dict(resolved))  # a dict to every reader
+
+
+def test_a_resolved_config_stays_resolved_and_files_hold_plain_dicts(toy_cache, tmp_path):
+    import copy
+    import pickle
+
+    cfg = resolve_config({**TINY, "epochs": 1})
+    with pytest.raises(UserError, match="precision"):
+        cfg["precision"] = "fp8"
+    with pytest.raises(UserError, match="unknown config key"):
+        cfg["learning_rate"] = 0.1
+    with pytest.raises(TypeError):
+        del cfg["lr"]
+    cfg["precision"] = "fp32"  # a checked change (search.predict's --precision)
+    cfg["backbone"] = "baseline_bn"
+    assert cfg.backbone_spec.name == "baseline_bn" and cfg.replace(epochs=3)["epochs"] == 3 and cfg["epochs"] == 1
+    for copied in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
+        assert copied == cfg and copied.backbone_spec.name == "baseline_bn"
+    states = []
+    model, _ = fit(cfg, toy_cache, np.arange(32), on_epoch=lambda m, s, p: states.append(s))
+    assert type(states[0]["config"]) is dict
+    path = save_model(tmp_path / "model.pt", model, cfg)
+    blob = torch.load(path, weights_only=True)  # pcam-tune-model/1, as before: a plain dict config
+    assert blob["format"] == "pcam-tune-model/1" and type(blob["config"]) is dict and blob["config"] == cfg

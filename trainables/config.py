@@ -1,7 +1,9 @@
 """A trial's config (DEFAULTS + checks) and where and how it runs (device, precision/layout).
 
 The config is what a search samples and what a model file and a checkpoint carry; ``resolve_config`` is the one
-place it is checked, so a typo or an out-of-range value is a one-line UserError before any training starts.
+place it is checked, so a typo or an out-of-range value is a one-line UserError before any training starts. It
+returns a ``ResolvedConfig``: resolved once where a config enters, then passed down (no second check, no second
+look-up of the backbone).
 """
 from __future__ import annotations
 
@@ -37,14 +39,80 @@ DEFAULTS: dict = {
 _DATA_KEYS = {"data_dir", "cache_dir"}
 
 
-def resolve_config(config: dict | None) -> dict:
-    """DEFAULTS overlaid with ``config``; unknown keys (typos) are a UserError, not ignored."""
+class ResolvedConfig(dict):
+    """A trial's config after ``resolve_config``: DEFAULTS overlaid, every value checked, and its backbone looked up
+    in the registry once (``backbone_spec``, a trainables.backbones.Backbone that building the model, its weights
+    and the embedding cache use instead of asking the registry again).
+
+    It is produced once where a config enters (train_pcam, fit, predict_proba, load_model, the refit) and passed
+    down; ``resolve_config`` hands an already resolved config back as it is. A dict, so every reader (the search,
+    JSON, MLflow, ``{**cfg, ...}``) reads it as before; it stays resolved: an assignment is checked as
+    resolve_config would check it (a new backbone is looked up), and a key cannot be removed. Files hold
+    ``dict(cfg)`` (torch.load with weights_only reads plain dicts only); a pickle (a Ray worker, a deepcopy)
+    resolves the plain dict again where it lands.
+    """
+    __slots__ = ("backbone_spec",)
+
+    def __init__(self, values: dict, backbone_spec):
+        super().__init__(values)
+        self.backbone_spec = backbone_spec
+
+    def __reduce__(self):
+        return resolve_config, (dict(self),)
+
+    def __setitem__(self, key, value) -> None:
+        self.update({key: value})
+
+    def update(self, *args, **kwargs) -> None:
+        changes = dict(*args, **kwargs)
+        unknown = set(changes) - set(self) - _DATA_KEYS
+        if unknown:
+            raise UserError(f"unknown config key(s) {sorted(unknown)}; valid keys: {', '.join(DEFAULTS)}")
+        values = {**self, **changes}
+        spec = self.backbone_spec if values["backbone"] == self["backbone"] else get_backbone(values["backbone"])
+        _check(values)
+        super().update(changes)
+        self.backbone_spec = spec
+
+    def replace(self, **changes) -> ResolvedConfig:
+        """A new resolved config with ``changes`` checked (this one unchanged; the backbone's registry entry kept
+        unless the backbone changes)."""
+        new = ResolvedConfig(self, self.backbone_spec)
+        new.update(changes)
+        return new
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self.update({key: default})
+        return self[key]
+
+    def _no_removal(self, *args):
+        raise TypeError("a resolved config keeps every key; build a new one with resolve_config({...})")
+
+    __delitem__ = pop = popitem = clear = _no_removal
+
+
+def resolve_config(config: dict | None) -> ResolvedConfig:
+    """DEFAULTS overlaid with ``config``, checked, its backbone looked up: a ResolvedConfig (``config`` itself when
+    it is one already). Unknown keys (typos) are a UserError, not ignored."""
+    if isinstance(config, ResolvedConfig):
+        return config
     config = dict(config or {})
     unknown = set(config) - set(DEFAULTS) - _DATA_KEYS
     if unknown:
         raise UserError(f"unknown config key(s) {sorted(unknown)}; valid keys: {', '.join(DEFAULTS)}")
     cfg = {**DEFAULTS, **config}
-    get_backbone(cfg["backbone"])
+    spec = get_backbone(cfg["backbone"])
+    _check(cfg)
+    return ResolvedConfig(cfg, spec)
+
+
+def _check(cfg: dict) -> None:
+    """The value checks of resolve_config (the backbone is checked by looking it up)."""
     if not 0.0 <= float(cfg["aug_strength"]) <= 1.0:
         raise UserError(f"aug_strength must be in [0, 1], got {cfg['aug_strength']}")
     if int(cfg["epochs"]) < 1 or int(cfg["batch_size"]) < 1:
@@ -54,7 +122,6 @@ def resolve_config(config: dict | None) -> dict:
     check_precision(cfg["precision"])
     if cfg["head"] not in (None, "linear", "mlp"):
         raise UserError(f"head must be None, 'linear' or 'mlp', got {cfg['head']!r}")
-    return cfg
 
 
 def fast_path(cfg: dict, device: torch.device, training: bool = True) -> FastPath:

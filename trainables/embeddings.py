@@ -34,7 +34,7 @@ import torch
 
 from datasets.errors import UserError
 from trainables.augment import dihedral_view
-from trainables.config import fast_path, pick_device, resolve_config
+from trainables.config import ResolvedConfig, fast_path, pick_device, resolve_config
 from trainables.engine import to_input
 from trainables.models import build_model, is_pretrainable
 
@@ -61,19 +61,22 @@ class Embeddings:
 
 def uses_cached_features(cfg: dict) -> bool:
     """Trials that train only a head on a backbone with transferable features take them from this cache."""
-    return cfg.get("unfreeze_depth") == 0 and is_pretrainable(cfg["backbone"])
+    spec = cfg.backbone_spec if isinstance(cfg, ResolvedConfig) else cfg["backbone"]
+    return cfg.get("unfreeze_depth") == 0 and is_pretrainable(spec)
 
 
 def frozen_backbone(cfg: dict):
     """The frozen network the features come from (seeded when it has no pretrained weights)."""
+    cfg = resolve_config(cfg)  # as it is when resolved already
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        return build_model(cfg["backbone"], bool(cfg["pretrained"]), 0, 0.0)
+        return build_model(cfg.backbone_spec, bool(cfg["pretrained"]), 0, 0.0)
 
 
 def weights_id(cfg: dict) -> str:
     """What identifies the backbone's weights: the file's sha256 (hub) or hash-suffixed name + file identity
     (torchvision)."""
+    cfg = resolve_config(cfg)
     if not cfg["pretrained"]:  # random weights: what they are, not how they were drawn (timm/torch versions vary)
         import hashlib
         h = hashlib.sha256()
@@ -81,7 +84,7 @@ def weights_id(cfg: dict) -> str:
             h.update(k.encode() + v.detach().float().numpy().tobytes())
         return f"random-{h.hexdigest()[:12]}"
     from trainables import hub, weights
-    w = weights.resolve_weights(cfg["backbone"])
+    w = weights.resolve_weights(cfg["backbone"], cfg.backbone_spec)
     if hub.is_hub_name(cfg["backbone"]):
         return hub.weights_id(Path(w))[:16]
     # The hash-suffixed name alone does not say which file: `trainables.weights import` puts any file that loads

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from datasets.errors import UserError
-from trainables.config import fast_path, resolve_config
+from trainables.config import ResolvedConfig, fast_path, resolve_config
 from trainables.device import claim_device, out_of_memory, pick_device
 from trainables.engine import (Diverged, SmoothedBCE, batches_per_epoch, epoch_seed, evaluate, make_optimizer,
                                report_diverged, resolve_pos_weight, train_one_epoch)
@@ -47,9 +47,9 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
     ``pick_device()``; a Ray trial passes what Ray assigned it); a CUDA out-of-memory error is raised as
     trainables.device.OutOfGPUMemory (one line: backbone, batch size, what to change).
     """
-    cfg = resolve_config(config)
+    cfg = resolve_config(config)  # the caller's own when it is resolved already (train_pcam, the refit)
     if epochs is not None:
-        cfg["epochs"] = int(epochs)
+        cfg = cfg.replace(epochs=int(epochs))
     train_idx = np.asarray(train_idx)
     if cfg["max_train_samples"] and len(train_idx) > int(cfg["max_train_samples"]):
         rng = np.random.default_rng(int(cfg["seed"]))
@@ -68,12 +68,12 @@ def fit(config: dict, cache, train_idx: np.ndarray, val_idx: np.ndarray | None =
         raise out_of_memory(cfg, device, e) from None
 
 
-def _fit(cfg, cache, train_idx, val_idx, on_epoch, resume, progress, stop_epoch, device, labels):
+def _fit(cfg: ResolvedConfig, cache, train_idx, val_idx, on_epoch, resume, progress, stop_epoch, device, labels):
     """fit's epochs on a chosen device (fit turns a CUDA out-of-memory error into its one line)."""
     path = fast_path(cfg, device, training=True)
     reuse_freed_memory()
     torch.manual_seed(int(cfg["seed"]))
-    model = build_model(cfg["backbone"], bool(cfg["pretrained"]), cfg["unfreeze_depth"], cfg["dropout"])
+    model = build_model(cfg.backbone_spec, bool(cfg["pretrained"]), cfg["unfreeze_depth"], cfg["dropout"])
     model = path.prepare_model(model.to(device))
     criterion = SmoothedBCE(cfg["label_smoothing"], resolve_pos_weight(cfg, labels)).to(device)
     opt, sched = make_optimizer(model, cfg, batches_per_epoch(len(train_idx), int(cfg["batch_size"])))
@@ -113,7 +113,7 @@ def _fit(cfg, cache, train_idx, val_idx, on_epoch, resume, progress, stop_epoch,
             metrics["best_val_auc"], metrics["best_epoch"] = best_of(history)
         if on_epoch:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "epoch": epoch, "config": cfg, "history": history}
+                     "scheduler": sched.state_dict(), "epoch": epoch, "config": dict(cfg), "history": history}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             on_epoch(metrics, state, preds)

@@ -34,7 +34,7 @@ def save_model(path: str | os.PathLike, model: nn.Module, config: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": "pcam-tune-model/1", "config": resolve_config(config),
+    torch.save({"format": "pcam-tune-model/1", "config": dict(resolve_config(config)),
                 "state_dict": model.state_dict()}, tmp)
     os.replace(tmp, path)
     return path
@@ -61,8 +61,9 @@ def model_from_state(config: dict, state_dict: dict, device: torch.device | str 
 
     The state dict holds every weight: no need (or network) for ImageNet weights.
     """
-    model = build_model(config["backbone"], pretrained=False, unfreeze_depth=config["unfreeze_depth"],
-                        dropout=config["dropout"], head=config.get("head"), head_hidden=config.get("head_hidden"))
+    cfg = resolve_config(config)  # as it is when resolved already (load_model)
+    model = build_model(cfg.backbone_spec, pretrained=False, unfreeze_depth=cfg["unfreeze_depth"],
+                        dropout=cfg["dropout"], head=cfg["head"], head_hidden=cfg["head_hidden"])
     model.load_state_dict(state_dict)
     return (model if device is None else model.to(device)).eval()
 

@@ -23,15 +23,20 @@ from trainables.heads import head_in_features, make_head, replace_head
 from trainables.weights import resolve_weights
 
 
-def is_pretrainable(name: str) -> bool:
+def _spec(backbone: str | Backbone) -> Backbone:
+    """A backbone's registry entry: as given when it is one already (a ResolvedConfig's ``backbone_spec``)."""
+    return backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
+
+
+def is_pretrainable(name: str | Backbone) -> bool:
     """True when ImageNet weights exist for ``name`` (the baselines always train from scratch)."""
-    return get_backbone(name).weights is not None
+    return _spec(name).weights is not None
 
 
-def normalization_for(name: str, pretrained: bool = True) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalization_for(name: str | Backbone, pretrained: bool = True) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) a model of backbone ``name`` normalises its inputs in [0, 1] with, before any model exists
     (build_model stores it; a built model's own is ``model.input_normalization()``)."""
-    b = get_backbone(name)
+    b = _spec(name)
     # A scratch-trained torchvision net has no ImageNet features to match: use PCam statistics.
     if b.weights is None or not pretrained:
         return tuple(PCAM_MEAN), tuple(PCAM_STD)
@@ -41,9 +46,10 @@ def normalization_for(name: str, pretrained: bool = True) -> tuple[tuple[float, 
 class PcamNet(nn.Module):
     """A backbone + single-logit head, with input normalisation and stage-wise freezing."""
 
-    def __init__(self, name: str, net: nn.Module, mean, std, unfreeze_depth: int | None):
+    def __init__(self, name: str, net: nn.Module, mean, std, unfreeze_depth: int | None, spec: Backbone | None = None):
         super().__init__()
         self.name = name
+        self.spec = spec or get_backbone(name)  # its registry entry, asked once
         self.net = net
         # Persistent: a saved model keeps the normalisation it was trained with, even when it is
         # rebuilt without (ImageNet) weights to load its state dict.
@@ -58,11 +64,11 @@ class PcamNet(nn.Module):
         object.__setattr__(self, "_probe_head", head)  # a reference, not a second registered submodule
 
     def stages(self) -> Stages:
-        return get_backbone(self.name).stages(self.net)
+        return self.spec.stages(self.net)
 
     def head(self) -> nn.Module:
         """The classifier module inside ``net`` (always trains): the backbone's own or a probe head."""
-        return get_backbone(self.name).head(self.net) if self._probe_head is None else self._probe_head
+        return self.spec.head(self.net) if self._probe_head is None else self._probe_head
 
     def set_unfreeze_depth(self, depth: int | None) -> int:
         """Train the head + the last ``depth`` stages (None = all); returns the effective depth."""
@@ -111,18 +117,19 @@ def num_stages(name: str) -> int:
         return len(b.stages(b.build(None, 0.0)))
 
 
-def build_model(name: str, pretrained: bool = True, unfreeze_depth: int | None = None,
+def build_model(name: str | Backbone, pretrained: bool = True, unfreeze_depth: int | None = None,
                 dropout: float = 0.3, head: str | None = None, head_hidden: int | None = None) -> PcamNet:
     """Build ``name`` with a dropout + single-logit head (``head`` "linear"/"mlp": a probe head, trainables.heads).
 
     ``pretrained`` loads ImageNet weights from the torch hub cache (see trainables.weights; a
-    missing file is a one-line UserError saying where to put it); ignored for the baselines.
+    missing file is a one-line UserError saying where to put it); ignored for the baselines. ``name``: a backbone
+    name, or its registry entry (a ResolvedConfig's ``backbone_spec``: the registry is not asked again).
     """
-    b = get_backbone(name)
+    b = _spec(name)
     use_weights = pretrained and b.weights is not None
-    weights = resolve_weights(name) if use_weights else None
-    mean, std = normalization_for(name, use_weights)
-    model = PcamNet(name, b.build(weights, float(dropout)), mean, std, unfreeze_depth)
+    weights = resolve_weights(b.name, b) if use_weights else None
+    mean, std = normalization_for(b, use_weights)
+    model = PcamNet(b.name, b.build(weights, float(dropout)), mean, std, unfreeze_depth, b)
     if head is not None:
         model.use_probe_head(make_head(head, head_in_features(model.head()), float(dropout), head_hidden))
     return model

@@ -14,20 +14,20 @@ import time
 import numpy as np
 import torch
 
-from trainables.config import resolve_config
+from trainables.config import ResolvedConfig, resolve_config
 from trainables.embeddings import FEATURES, ensure_embeddings, frozen_backbone, uses_cached_features  # noqa: F401
 from trainables.engine import (SmoothedBCE, batches_per_epoch, epoch_seed, make_optimizer, report_diverged,
                                resolve_pos_weight, validation_scores)
 from trainables.heads import make_head, reset_head
 
 
-def probe_head(cfg: dict, dim: int) -> torch.nn.Module:
+def probe_head(cfg: ResolvedConfig, dim: int) -> torch.nn.Module:
     """The head a probe config trains: its probe head ("linear"/"mlp"), else the backbone's own classifier."""
     if cfg["head"] is not None:
         return make_head(cfg["head"], dim, float(cfg["dropout"]), cfg["head_hidden"])
     from trainables.models import build_model
     with torch.device("meta"):
-        own = build_model(cfg["backbone"], False, 0, float(cfg["dropout"])).head()
+        own = build_model(cfg.backbone_spec, False, 0, float(cfg["dropout"])).head()
     return own.to_empty(device="cpu")
 
 
@@ -101,7 +101,7 @@ def _training_features(emb, rows: np.ndarray, views: list[int]) -> TrainingFeatu
     return TrainingFeatures(emb.features, rows, views)
 
 
-def fit_on_features(cfg: dict, cache, train_idx: np.ndarray, val_idx, on_epoch, resume, stop_epoch, objective,
+def fit_on_features(cfg: ResolvedConfig, cache, train_idx: np.ndarray, val_idx, on_epoch, resume, stop_epoch, objective,
                     progress: bool = False):
     """``fit`` for a head on cached features (the arguments are fit's; ``objective`` = trainables.loop.best_of)."""
     emb = ensure_embeddings(cache, cfg, progress=progress)
@@ -167,7 +167,7 @@ def fit_on_features(cfg: dict, cache, train_idx: np.ndarray, val_idx, on_epoch, 
             metrics["best_val_auc"], metrics["best_epoch"] = objective(history)
         if on_epoch:
             state = {"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "config": cfg, "history": history}
+                     "epoch": epoch, "config": dict(cfg), "history": history}
             on_epoch(metrics, state, preds)
     # Inside a Tune trial nobody takes the network (the checkpoints carry the head): skip building the backbone.
     return (None if _in_tune_session() else model_with_head(cfg, head.state_dict())), history

