@@ -44,16 +44,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "DATA_DIR/slide_map.csv if present; python -m datasets.slide_map builds one)")
     p.add_argument("--num-samples", type=int, help="number of trials (default: per space)")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops (default: per space)")
-    p.add_argument("--time-budget", help="stop the search after this long: seconds, or 30m, 2h, 1h30m; without "
+    p.add_argument("--time-budget", help="stop the search after this long: seconds, or 30m, 2h, 1h30m, '1 day' "
+                   "(pandas.Timedelta); without "
                    "--num-samples it proposes trials until the budget runs out")
-    p.add_argument("--warm-start", help="start TPE from the trials of an earlier search NAME (same space)")
+    p.add_argument("--warm-start", help="start TPE from the trials of an earlier search NAME (same space file)")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: from the hardware)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractional allowed e.g. 0.25 "
                    "(default: 0.5 when GPUs exist, else 0)")
     p.add_argument("--max-concurrent", type=int, help="trials running at once (default: what the resources fit)")
     p.add_argument("--name", help="experiment name (default: <space>-<date>-<time>); re-using a name resumes it")
     p.add_argument("--resume", action="store_true",
-                   help="continue the experiment --name (or the newest one of --space) after Ctrl-C or a crash")
+                   help="continue the experiment --name (or the newest one of the space) after Ctrl-C or a crash")
     p.add_argument("--address", help="run on an existing Ray cluster: auto, or the head's HOST:6379 (default "
                    "$RAY_ADDRESS, as set by `ray job submit`; Ray Client ray:// addresses are refused)")
     p.add_argument("--storage-path", help="where Ray keeps the experiment (default <results>/ray); on a "
@@ -140,7 +141,8 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
     start_ray(plan)
     check_nodes(plan, cache, data_dir)
     params = {"space": plan.space.name, "space_file": None if plan.space.built_in else plan.space.source,
-              "space_sha256": plan.space.sha256[:12], "backbones": ",".join(plan.backbones), "pretrained": plan.opts.pretrained,
+              "space_sha256": plan.space.sha256[:12], "backbones": ",".join(plan.backbones),
+              "pretrained": plan.opts.pretrained,
               "num_samples": plan.num_samples, "max_epochs": plan.max_epochs,
               "time_budget_s": plan.time_budget_s, "scheduler": "ASHA", "grace_period": plan.grace_period,
               "reduction_factor": plan.reduction_factor,

@@ -4,6 +4,7 @@ The built-in spaces (search/space_files/<name>.yaml) and a user's ``--space-file
 what ``--list-spaces`` shows is what a user can write. Every mistake is one UserError line naming the file, the key
 and what is allowed, raised here, before Ray starts. The ``Space`` keeps the file's text and its sha256: a search
 stores both (search.settings), so ``--resume`` and ``--warm-start`` use the space the search started with.
+(Over 300 lines: one check per key of the format, each with the message that names what is allowed.)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import yaml
 from datasets.errors import UserError
 from search.space_format import (BACKBONE_CONDITIONS, BACKBONE_GROUPS, DISTRIBUTIONS, NAME_RE, SCHEDULER_DEFAULTS,
                                  SET_BY_SEARCH, STAGES, TOP_KEYS, BackboneRule, Param, Space)
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads 1e-4 as a string; a space file means the number. Repeated keys are a mistake, not a merge."""
@@ -43,7 +45,7 @@ def read_yaml(path: Path) -> tuple[dict, str]:
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise UserError(f"space file {path}: no such file; give the path of a YAML space file "
                         "(docs/search.md, 'Your own space')") from None
-    except (OSError, UnicodeDecodeError) as e:  # a folder reads as IsADirectoryError above
+    except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"space file {path}: cannot be read ({e})") from None
     try:
         data = yaml.load(text, Loader=_Loader)
@@ -53,16 +55,15 @@ def read_yaml(path: Path) -> tuple[dict, str]:
         what = " ".join(str(getattr(e, "problem", None) or e).split())
         raise UserError(f"{where}: not valid YAML ({what}); see docs/search.md for the format") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a space file is a YAML mapping with the keys {', '.join(TOP_KEYS)}; "
-                        f"this one holds a {type(data).__name__}")
+        raise UserError(f"{path}: a space file is a YAML mapping with the keys {', '.join(TOP_KEYS)}; this one "
+                        + ("is empty" if data is None else f"holds a {type(data).__name__}"))
     return data, text
 
 
 def load_space(path: str | Path, built_in: bool = False) -> Space:
     """Read and check a space file (every mistake: one UserError line before anything runs)."""
-    path = Path(path)
-    data, text = read_yaml(path)
-    return _Checker(path).space(data, text, built_in)
+    data, text = read_yaml(Path(path))
+    return _Checker(Path(path)).space(data, text, built_in)
 
 
 def _words(values) -> str:
@@ -118,7 +119,8 @@ class _Checker:
         if self.number(sched["reduction_factor"], "scheduler.reduction_factor") <= 1:
             self.fail("scheduler.reduction_factor", f"{sched['reduction_factor']} must be more than 1 (e.g. 2 or 3)")
         if sched["grace_period"] > sched["max_epochs"]:
-            self.fail("scheduler.grace_period", f"{sched['grace_period']} is more than max_epochs {sched['max_epochs']}")
+            self.fail("scheduler.grace_period", f"{sched['grace_period']} is more than max_epochs "
+                                                f"{sched['max_epochs']}")
         params = self.parameters(data.get("parameters"), backbones)
         constants = self.constants(data.get("constants"), params)
         cached = data.get("cached_features", False)
@@ -177,9 +179,15 @@ class _Checker:
             if outside:
                 self.fail("backbones.choose", f"{outside[0]!r} is not in allowed: {_words(allowed)}")
         elif allowed != "any":
-            wrong = [n for n in names if n in BACKBONE_GROUPS and n != allowed]
+            from trainables.models import MODELS, is_pretrainable
+
+            def group(n):  # a timm/... or hf-hub:... name has weights
+                pretrainable = n not in MODELS or is_pretrainable(n)
+                return n if n in BACKBONE_GROUPS else "pretrainable" if pretrainable else "from_scratch"
+
+            wrong = [n for n in names if group(n) != allowed]
             if wrong:
-                self.fail("backbones.choose", f"group {wrong[0]!r} is outside allowed: {allowed}")
+                self.fail("backbones.choose", f"{wrong[0]!r} is outside allowed: {allowed}")
         return BackboneRule("choose", names, allowed)
 
     def config_key(self, name, key: str) -> None:
@@ -288,6 +296,7 @@ class _Checker:
         if not isinstance(value, list):
             self.fail("start", f"must be a list of configurations (- key: value), not {type(value).__name__}")
         by_name = {p.name: p for p in params}
+        keys = (["backbone"] if backbones.mode == "choose" else []) + list(by_name)
         points = []
         for i, point in enumerate(value):
             key = f"start[{i}]"
@@ -296,8 +305,7 @@ class _Checker:
                 if k == "backbone" and backbones.mode == "choose":
                     self.backbone_names(v, f"{key}.backbone", groups=())
                 elif k not in by_name:
-                    self.fail(f"{key}.{k}", f"not a drawn parameter of this space; allowed: "
-                                            f"{_words([*(['backbone'] if backbones.mode == 'choose' else []), *by_name])}")
+                    self.fail(f"{key}.{k}", f"not a drawn parameter of this space; allowed: {_words(keys)}")
                 elif not by_name[k].contains(v):
                     p = by_name[k]
                     what = f"one of {_words(p.choices)}" if p.distribution == "categorical" else \

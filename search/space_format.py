@@ -90,11 +90,6 @@ class Space:
         return self.backbones.mode == "choose"
 
     @property
-    def searched(self) -> tuple[str, ...]:
-        """The keys the space can draw, in drawing order (the live table's columns; search.spaces.drawn_keys)."""
-        return (("backbone",) if self.searches_backbone else ()) + tuple(p.name for p in self.parameters)
-
-    @property
     def option(self) -> str:
         """How the user named this space, for messages."""
         return f"--space {self.name}" if self.built_in else f"--space-file {self.source}"

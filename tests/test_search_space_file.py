@@ -92,6 +92,8 @@ def test_the_built_in_spaces_are_the_files_in_the_package():
 
 
 def test_the_documented_example_loads_and_draws(tmp_path):
+    body = "".join(line for line in EXAMPLE.read_text().splitlines(True) if not line.startswith("#"))
+    assert f"```yaml\n{body}```" in (REPO / "docs" / "search.md").read_text()  # the docs show the file as it is
     space = load_space(EXAMPLE)
     opts = SpaceOptions()
     backbones = resolve_backbones(space, opts)
@@ -100,7 +102,8 @@ def test_the_documented_example_loads_and_draws(tmp_path):
                                                   "unfreeze_depth", "dropout"]
     for c in draws(space, opts):
         assert c["dropout"] == 0.3 if c["backbone"] == "mobilenet_v2" else 0 <= c["dropout"] <= 0.5
-        assert 1 <= c["unfreeze_depth"] <= num_stages(c["backbone"]) and round(c["label_smoothing"] / .05, 9) in range(5)
+        assert 1 <= c["unfreeze_depth"] <= num_stages(c["backbone"])
+        assert round(c["label_smoothing"] / .05, 9) in range(5)
     with pytest.raises(UserError, match="unknown backbone 'baseline_bn' in --backbones for --space-file"):
         resolve_backbones(space, SpaceOptions(backbones=("baseline_bn",)))  # allowed: pretrainable
 
@@ -127,6 +130,8 @@ def _bad(text):
      ["a log scale needs low > 0"]),
     # an unknown backbone, in the choice and in a condition
     ("backbones: {choose: [baseline_bn, resnet19]}\n", "backbones.choose", ["unknown backbone 'resnet19'", "resnet18"]),
+    ("backbones: {choose: [resnet18, baseline_bn], allowed: pretrainable}\n", "backbones.choose",
+     ["'baseline_bn' is outside allowed: pretrainable"]),
     (_bad("parameters:\n  lr: {distribution: uniform, low: 0, high: 1, when: {backbone: [vgg17]}}\n"),
      "parameters.lr.when.backbone", ["unknown backbone 'vgg17'"]),
     # an unknown config key (the trainable's keys), and one the search sets itself

@@ -172,7 +172,7 @@ def sampled_keys(space_name: str, opts: SpaceOptions, n: int = 40) -> set[str]:
     ("smoke", SpaceOptions()),
 ])
 def test_every_space_declares_exactly_the_keys_it_draws(space_name, opts):
-    """Spaces are data: the live table's columns come from Space.searched, so it must match what define draws."""
+    """The live table's columns come from drawn_keys, so it must match what the define-by-run function draws."""
     space = get_space(space_name)
     declared = drawn_keys(space, resolve_backbones(space, opts), opts)
     assert set(declared) == sampled_keys(space_name, opts), f"space {space_name!r}"
