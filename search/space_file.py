@@ -197,6 +197,15 @@ class _Checker:
             self.fail(key, f"unknown config key {name!r}; the trainable's keys: "
                            f"{_words(k for k in self.config_keys if k not in SET_BY_SEARCH)}")
 
+    def accepted(self, key: str, name: str, value) -> None:
+        """The trainable's own check of one value (trainables.config.resolve_config), now rather than in a trial."""
+        from trainables.config import resolve_config
+
+        try:
+            resolve_config({name: value})
+        except (UserError, ValueError, TypeError) as e:
+            self.fail(key, f"{value!r}: the trainable refuses it ({e})")
+
     def parameters(self, value, backbones: BackboneRule) -> tuple:
         params: list[Param] = []
         for name, spec in self.mapping(value, "parameters").items():
@@ -218,9 +227,14 @@ class _Checker:
                 if any(isinstance(c, (list, dict)) for c in choices) or len({repr(c) for c in choices}) < len(choices):
                     self.fail(f"{key}.choices", f"{choices!r}: plain values (numbers, text, true/false, null), "
                                                 "each once")
+                for c in choices:
+                    self.accepted(f"{key}.choices", name, c)
                 params.append(Param(name, dist, choices=tuple(choices), when=when, otherwise=otherwise))
                 continue
             params.append(self.range(name, key, dist, spec, when, otherwise))
+            for bound in ("low", "high"):
+                if params[-1].high != STAGES or bound == "low":
+                    self.accepted(f"{key}.{bound}", name, getattr(params[-1], bound))
         return tuple(params)
 
     def range(self, name: str, key: str, dist: str, spec: dict, when: tuple, otherwise) -> Param:
@@ -288,6 +302,7 @@ class _Checker:
                 self.fail(f"constants.{name}", f"{name} is also a parameter; keep one of them")
             if isinstance(v, (list, dict)):
                 self.fail(f"constants.{name}", f"{v!r}: a constant is one plain value")
+            self.accepted(f"constants.{name}", name, v)
         return dict(constants)
 
     def start(self, value, params: tuple, backbones: BackboneRule) -> tuple:

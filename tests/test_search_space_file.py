@@ -154,6 +154,11 @@ def _bad(text):
      "start[0].lr", ["0.5 is outside the parameter's range", "in [0.0001, 0.01]"]),
     (_bad("parameters:\n  lr: {distribution: log_uniform, low: 1e-4, high: 1e-2}\nstart:\n  - {dropout: 0.1}\n"),
      "start[0].dropout", ["not a drawn parameter", "allowed: backbone, lr"]),
+    # a value the trainable itself refuses (trainables.config.resolve_config), found before any trial
+    (_bad("constants: {aug_strength: 2}\n"), "constants.aug_strength",
+     ["2: the trainable refuses it (aug_strength must be in [0, 1], got 2)"]),
+    (_bad("parameters:\n  head: {distribution: categorical, choices: [linear, conv]}\n"), "parameters.head.choices",
+     ["'conv': the trainable refuses it (head must be None, 'linear' or 'mlp'"]),
     # keys the format does not have
     ("backbones: {fixed: baseline_bn}\nscheduler: {max_epoch: 3}\n", "scheduler.max_epoch",
      ["unknown key", "max_epochs"]),
