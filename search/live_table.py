@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from search.outcome import OBJECTIVE
-from search.spaces import searched_keys
+from search.spaces import drawn_keys
 
 if TYPE_CHECKING:
     from search.plan import Plan
@@ -27,6 +27,6 @@ def make_reporter(plan: Plan):
 
 
 def table_columns(plan: Plan) -> list[str]:
-    """The searched keys of this space, for the live table (CLIReporter fails on a key a config lacks,
+    """The keys this search draws, for the live table (CLIReporter fails on a key a config lacks,
     and conditional keys such as unfreeze_depth are always present, as None when not drawn)."""
-    return searched_keys(plan.space, plan.backbones, plan.opts)
+    return drawn_keys(plan.space, plan.backbones, plan.opts)

@@ -11,34 +11,41 @@ import math
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import defaults
 from datasets.errors import UserError, check_writable
 from search import cluster, holdout, resources, searcher, settings
-from search.spaces import SpaceOptions, get_space, pretrained_backbones_used, resolve_backbones
+from search.space_file import load_space
+from search.spaces import SPACES, Space, SpaceOptions, get_space, pretrained_backbones_used, resolve_backbones
 from search.storage import check_storage_path, join as join_storage
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 def parse_duration(text: str | None) -> float | None:
-    """'90', '90s', '30m', '1.5h', '1h30m' -> seconds; None/'' -> None (no budget)."""
+    """'90' (seconds), and what pandas.Timedelta reads: '90s', '30m', '1.5h', '1h30m', '1 hour', '00:30:00', ...
+    -> seconds; None/'' -> None (no budget). Forms pandas deprecates (such as '5d') are refused, not warned about."""
     if text in (None, ""):
         return None
     s = str(text).strip().lower()
     if s.startswith("-"):
         raise UserError(f"--time-budget {text!r} is negative; give a positive duration like 600, 30m or 2h")
-    if re.fullmatch(r"\d+(\.\d+)?", s):
-        seconds = float(s)
-    else:
-        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", s)
-        if not parts or not any(parts.groups()):
-            raise UserError(f"--time-budget {text!r} is not a duration; use seconds (600) or 30m, 2h, 1h30m")
-        h, m, sec = (float(g or 0) for g in parts.groups())
-        seconds = h * 3600 + m * 60 + sec
-    if seconds <= 0:
+    try:
+        seconds = float(s)  # a plain number is seconds (pandas would read nanoseconds)
+    except ValueError:
+        import pandas as pd
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                seconds = pd.Timedelta(s).total_seconds()
+        except (ValueError, TypeError, Warning):
+            raise UserError(f"--time-budget {text!r} is not a duration; use seconds (600) or 30m, 2h, 1h30m, "
+                            "'1 day'") from None
+    if not seconds > 0 or not math.isfinite(seconds):
         raise UserError(f"--time-budget {text!r} must be more than zero")
     return seconds
 
@@ -48,7 +55,7 @@ class Plan:
     """Everything decided before Ray starts."""
 
     args: argparse.Namespace
-    space: object
+    space: Space
     opts: SpaceOptions
     backbones: tuple
     num_samples: int
@@ -110,12 +117,12 @@ def plan_search(args, argv) -> Plan:
         storage = str(Path(storage).resolve())
     check_storage_path(storage)
     cluster.check_job_paths(results_dir=results, storage_path=storage)
-    if args.space:
-        get_space(args.space)  # an unknown space fails first, whatever else is wrong
+    given = chosen_space(args)  # an unknown space or a wrong space file fails first, whatever else is wrong
     if args.resume and not args.name:
-        args.name = _newest_experiment(storage, args.space)
+        args.name = _newest_experiment(storage, given.name if given else None)
         if not args.name:
-            raise UserError(f"--resume: no {args.space or ''} experiment found under {storage}; pass --name NAME")
+            raise UserError(f"--resume: no {given.name if given else ''} experiment found under {storage}; "
+                            "pass --name NAME")
     if args.name and not NAME_RE.match(args.name):
         raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' or '-' (up to 100 characters)")
     from ray import tune
@@ -125,14 +132,16 @@ def plan_search(args, argv) -> Plan:
         raise UserError(f"--resume: nothing to resume at {join_storage(storage, args.name)}; "
                         "drop --resume to start a new search")
     saved = settings.load_settings(results, args.name) if resume else None
-    if saved:
+    space = given
+    if saved:  # the space the search started with (its stored copy); a space file changed since is refused
+        space = settings.resumed_space(args, saved, given, results)
         settings.apply_saved_settings(args, saved)
         if args.num_samples == -1:  # the time budget decided; it is restored with the other settings
             args.num_samples = None
     args.seed = 0 if args.seed is None else args.seed
-    if not args.space:
-        raise UserError("--space is required; one of: " + ", ".join(_space_names()) + " (see --list-spaces)")
-    space = get_space(args.space)
+    if space is None:
+        raise UserError("--space is required; one of: " + ", ".join(SPACES) + " (see --list-spaces), "
+                        "or --space-file FILE.yaml")
     for opt in ("num_samples", "max_epochs", "grace_period", "max_concurrent"):
         _positive(getattr(args, opt), "--" + opt.replace("_", "-"))
     _positive(args.cpus_per_trial, "--cpus-per-trial")
@@ -182,20 +191,28 @@ def check_warm_start(args, results: Path, space, backbones, opts, study_storage:
         where = results / source / settings.SETTINGS_FILE
         raise UserError(f"--warm-start {source!r}: no finished search of that name (neither {where} nor its study in "
                         f"{study_storage}); pass the --name of an earlier search")
-    theirs = (saved.get("space"), tuple(saved.get("backbones") or ()) or None, saved.get("pretrained"))
-    ours = (space.name, tuple(args.backbones) if args.backbones else None, opts.pretrained)
+    # The same space is the same file (its sha256; a search saved before space files had only its name).
+    theirs = (saved.get("space"), saved.get("space_sha256", space.sha256), tuple(saved.get("backbones") or ()) or None,
+              saved.get("pretrained"))
+    ours = (space.name, space.sha256, tuple(args.backbones) if args.backbones else None, opts.pretrained)
     if theirs != ours:
-        raise UserError(f"--warm-start {source!r} searched another space (space {theirs[0]}, backbones "
-                        f"{','.join(theirs[1] or ('default',))}, pretrained {theirs[2]}) than this search (space "
-                        f"{ours[0]}, backbones {','.join(ours[1] or ('default',))}, pretrained {ours[2]}); TPE can only "
-                        "start from trials of the same space")
+        def text(s):
+            return f"space {s[0]}" + (f" sha256 {s[1][:12]}" if theirs[1] != ours[1] else "") + \
+                f", backbones {','.join(s[2] or ('default',))}, pretrained {s[3]}"
+
+        raise UserError(f"--warm-start {source!r} searched another space ({text(theirs)}) than this search "
+                        f"({text(ours)}); TPE can only start from trials of the same space (the same space file)")
     return {"name": source, **saved}
 
 
-def _space_names():
-    from search.spaces import SPACES
-
-    return list(SPACES)
+def chosen_space(args) -> Space | None:
+    """The space of --space NAME (a built-in) or --space-file FILE (checked by the same loader), or None."""
+    space_file = getattr(args, "space_file", None)
+    if args.space and space_file:
+        raise UserError(f"give --space {args.space} or --space-file {space_file}, not both")
+    if space_file:
+        return load_space(space_file)
+    return get_space(args.space) if args.space else None
 
 
 def check_weights(space, backbones, opts) -> None:

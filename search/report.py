@@ -127,14 +127,14 @@ def winner(summaries: list[TrialSummary]) -> TrialSummary | None:
     return first if first is not None and rank_key(first)[0] < 2 else None
 
 
-def searched_keys(summaries: list[TrialSummary]) -> list[str]:
+def varied_keys(summaries: list[TrialSummary]) -> list[str]:
     """Config keys that vary across trials: the ones worth a leaderboard column."""
     keys = sorted({k for s in summaries for k in s.config})
     return [k for k in keys if len({repr(s.config.get(k)) for s in summaries}) > 1] or ["backbone"]
 
 
 def leaderboard(summaries: list[TrialSummary]) -> pd.DataFrame:
-    keys = searched_keys(summaries)
+    keys = varied_keys(summaries)
     rows = []
     for rank, s in enumerate(summaries, 1):
         row = {"rank": rank, "trial_id": s.trial_id, "best_val_auc": round(s.best_val_auc, 4),

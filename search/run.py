@@ -20,7 +20,7 @@ from datasets.errors import UserError, run_cli
 from search import error_bars, holdout, insight, private_api, report, searcher, tracking
 from search.outcome import OBJECTIVE, what_to_change
 from search.plan import Plan, plan_search
-from search.settings import load_settings, save_settings
+from search.settings import SPACE_COPY, load_settings, save_settings
 from search.spaces import list_spaces
 from search.storage import uri_for
 from search.tuner import build_tuner, check_nodes, make_trainable, start_ray
@@ -36,22 +36,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="python -m search.run",
         description="Hyperparameter search for PCam patch classifiers: Ray Tune + Optuna TPE + ASHA, MLflow tracking.")
     p.add_argument("--space", help="named search space (see --list-spaces)")
+    p.add_argument("--space-file", help="your own search space, a YAML file (format: docs/search.md, 'Your own "
+                   "space'); kept with the search for --resume")
     p.add_argument("--list-spaces", action="store_true", help="list the search spaces and exit")
     p.add_argument("--data-dir", help="Kaggle folder or PCam HDF5 folder (default: the embedded synthetic data)")
     p.add_argument("--slide-map", help="csv id,slide: validate by whole-slide image, not by patch (default: "
                    "DATA_DIR/slide_map.csv if present; python -m datasets.slide_map builds one)")
     p.add_argument("--num-samples", type=int, help="number of trials (default: per space)")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops (default: per space)")
-    p.add_argument("--time-budget", help="stop the search after this long: seconds, or 30m, 2h, 1h30m; without "
+    p.add_argument("--time-budget", help="stop the search after this long: seconds, or 30m, 2h, 1h30m, '1 day' "
+                   "(pandas.Timedelta); without "
                    "--num-samples it proposes trials until the budget runs out")
-    p.add_argument("--warm-start", help="start TPE from the trials of an earlier search NAME (same space)")
+    p.add_argument("--warm-start", help="start TPE from the trials of an earlier search NAME (same space file)")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: from the hardware)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractional allowed e.g. 0.25 "
                    "(default: 0.5 when GPUs exist, else 0)")
     p.add_argument("--max-concurrent", type=int, help="trials running at once (default: what the resources fit)")
     p.add_argument("--name", help="experiment name (default: <space>-<date>-<time>); re-using a name resumes it")
     p.add_argument("--resume", action="store_true",
-                   help="continue the experiment --name (or the newest one of --space) after Ctrl-C or a crash")
+                   help="continue the experiment --name (or the newest one of the space) after Ctrl-C or a crash")
     p.add_argument("--address", help="run on an existing Ray cluster: auto, or the head's HOST:6379 (default "
                    "$RAY_ADDRESS, as set by `ray job submit`; Ray Client ray:// addresses are refused)")
     p.add_argument("--storage-path", help="where Ray keeps the experiment (default <results>/ray); on a "
@@ -137,7 +140,9 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
         print(note, file=sys.stderr if note.startswith("warning") else sys.stdout, flush=True)
     start_ray(plan)
     check_nodes(plan, cache, data_dir)
-    params = {"space": plan.space.name, "backbones": ",".join(plan.backbones), "pretrained": plan.opts.pretrained,
+    params = {"space": plan.space.name, "space_file": None if plan.space.built_in else plan.space.source,
+              "space_sha256": plan.space.sha256[:12], "backbones": ",".join(plan.backbones),
+              "pretrained": plan.opts.pretrained,
               "num_samples": plan.num_samples, "max_epochs": plan.max_epochs,
               "time_budget_s": plan.time_budget_s, "scheduler": "ASHA", "grace_period": plan.grace_period,
               "reduction_factor": plan.reduction_factor,
@@ -241,7 +246,8 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path,
                  **{f"importance_{k}": v for k, v in explained.importances.items()}},
         tags={"best_trial_id": best.trial_id, "best_child_run_id": child or "",
               "best_backbone": best.config.get("backbone")},
-        artifacts=[board_path, best_path, *pictures], status="KILLED" if interrupted else "FINISHED",
+        artifacts=[board_path, best_path, *space_copy(out_dir), *pictures],
+        status="KILLED" if interrupted else "FINISHED",
         tables={"leaderboard.json": board})
     print(f"\nbest: trial {best.trial_id} val_auc {best.best_val_auc:.4f} (SE {best.extra.get('val_auc_se', math.nan):.4f}) "
           f"at epoch {best.best_epoch} ({best.status})"
@@ -262,6 +268,12 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path,
     print(f"compare the trials in MLflow (experiment {plan.name!r}):\n  {tracking.ui_command(plan.tracking_uri)}\n"
           f"  then open {views['runs']}\n  (the parent run's description links the trials' learning curves side by side)")
     return record
+
+
+def space_copy(out_dir: Path) -> list[Path]:
+    """The search's space file as it started (search.settings), logged with the parent run."""
+    copy = out_dir / SPACE_COPY
+    return [copy] if copy.is_file() else []
 
 
 def _child_run_id(plan: Plan, parent_run_id: str, trial_id: str) -> str | None:

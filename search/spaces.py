@@ -1,22 +1,35 @@
-"""Named search spaces, kept as data: a define-by-run Optuna function plus a few defaults each.
+"""Search spaces at work: the built-in ones, a search's backbones, the define-by-run function TPE calls, the
+starting configurations and the keys a search draws.
 
-A space is an Optuna define-by-run function (``trial`` -> constants) because the interesting spaces are
-conditional: the unfreeze depth only means something for a pretrained torchvision backbone, and its
-range depends on how many stages that backbone has. Ray's ``OptunaSearch`` calls the function once per
-trial; every ``trial.suggest_*`` becomes a config key, and the returned dict adds the constants.
+A space is a YAML file (format: docs/search.md; read by search.space_file into a search.space_format.Space): the
+built-in spaces are the files in search/space_files/, read by the same loader as a user's ``--space-file``.
+It runs as an Optuna define-by-run function (``trial`` -> constants) because the interesting spaces are
+conditional: the unfreeze depth only means something for a pretrained backbone, and its range depends on how
+many stages that backbone has. Ray's ``OptunaSearch`` calls the function once per trial; every
+``trial.suggest_*`` becomes a config key, and the returned dict adds the constants.
 
-The functions are module-level and bound with ``functools.partial`` so the searcher pickles into the
-experiment checkpoint, which is what lets ``Tuner.restore`` bring TPE back exactly where it was.
+The function is module-level and bound with ``functools.partial`` to the space's frozen parameters, so the
+searcher pickles into the experiment checkpoint, which is what lets ``Tuner.restore`` bring TPE back exactly
+where it was.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from datasets.errors import UserError
+from search.space_file import load_space
+from search.space_format import STAGES, Param, Space
 
 DEFAULT_BASELINE = "baseline_bn"
+SPACE_FILES = Path(__file__).resolve().parent / "space_files"  # package data (pyproject.toml)
+# The built-in spaces (SPACE_FILES/<name>.yaml), in the order --list-spaces shows them.
+SPACES: tuple[str, ...] = ("backbones", "baseline", "finetune", "probe", "demo", "smoke")
+
+__all__ = ["Space", "SpaceOptions", "SPACES", "get_space", "list_spaces", "resolve_backbones", "define_by_run",
+           "start_points", "drawn_keys", "pretrained_backbones_used"]
 
 
 @dataclass(frozen=True)
@@ -25,36 +38,14 @@ class SpaceOptions:
 
     backbones: tuple[str, ...] | None = None  # --backbones a,b,c (None: the space's own choice)
     pretrained: bool = True  # --no-pretrained turns it off
-    backbone: str | None = None  # --backbone (finetune)
+    backbone: str | None = None  # --backbone (a space whose backbones come from_option: --backbone)
     max_epochs: int = 5
     seed: int = 0
     precision: str = "auto"  # --precision: every trial's config["precision"] (trainables.fastpath)
 
 
-@dataclass(frozen=True)
-class Space:
-    name: str
-    description: str
-    define: Callable[..., dict]  # define(trial, backbones, opts) -> constants
-    # The config keys ``define`` draws (its trial.suggest_* names), in the live table's column order;
-    # "unfreeze_depth" only where a pretrained backbone can draw it (see searched_keys).
-    searched: tuple[str, ...]
-    # Defaults the CLI uses unless overridden; the smoke space keeps CI and the CPU demo short.
-    num_samples: int = 16
-    max_epochs: int = 5
-    grace_period: int = 1
-    reduction_factor: int = 2
-    constants: dict = field(default_factory=dict)
-    searches_backbone: bool = True  # honours --backbones
-    # Trials train a head on the embedding cache (trainables.embeddings): the driver computes it before Ray starts.
-    cached_features: bool = False
-    # Known-good configurations evaluated first (Ray's points_to_evaluate), so a search is never worse than its
-    # documented default: trainables.config.DEFAULTS per backbone; unfreeze_depth "all" = every stage.
-    start: tuple[dict, ...] = ()
-
-
 def _models():
-    # Imported lazily: `--list-spaces` and option errors should not pay for importing torch.
+    # Imported lazily: importing this module (search.run's CLI parser) should not pay for importing torch.
     from trainables import models
 
     return models
@@ -70,137 +61,18 @@ def pretrainable_backbones() -> list[str]:
     return [n for n in m.MODELS if m.is_pretrainable(n)]
 
 
-def _suggest_unfreeze(trial, backbone: str, opts: SpaceOptions) -> dict:
-    """Unfreeze depth exists only for a pretrained backbone; otherwise every stage trains (None)."""
-    m = _models()
-    if not (opts.pretrained and m.is_pretrainable(backbone)):
-        return {"unfreeze_depth": None}
-    # The range depends on the backbone (Optuna allows a dynamic int range); with the multivariate, grouped
-    # TPE sampler the depth is modelled jointly with the backbone choice that made it exist.
-    # 0 = head only (a linear probe on ImageNet features) .. all stages.
-    return {"unfreeze_depth": trial.suggest_int("unfreeze_depth", 0, m.num_stages(backbone))}
-
-
-def _common(trial, lr_range: tuple[float, float]) -> None:
-    trial.suggest_float("lr", *lr_range, log=True)
-    trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
-    trial.suggest_float("aug_strength", 0.0, 1.0)
-
-
-_DEFAULT_POINT = {"lr": 1e-3, "weight_decay": 1e-4, "aug_strength": 0.5}  # trainables.config.DEFAULTS
-_PROBE_POINT = {"lr": 1e-3, "weight_decay": 1e-4}  # the usual linear probe: a plain head, no dropout
-
-
-def start_points(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> list[dict]:
-    """The space's starting configurations for this search, in the names its define-by-run function suggests:
-    those of the search's backbones (a finetune point takes --backbone), unfreeze depth only where drawn."""
-    m = _models()
-    points = []
-    for p in space.start:
-        p = dict(p)
-        backbone = p.get("backbone", backbones[0])
-        if space.searches_backbone and backbone not in backbones:
-            continue
-        if p.get("unfreeze_depth") == "all":
-            if opts.pretrained and m.is_pretrainable(backbone):
-                p["unfreeze_depth"] = m.num_stages(backbone)
-            else:
-                del p["unfreeze_depth"]
-        if not space.searches_backbone or space.name == "finetune":
-            p.pop("backbone", None)
-        else:
-            p["backbone"] = backbone  # a point without one starts on the search's first backbone
-        points.append(p)
-    return points
-
-
-def define_backbones(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
-    backbone = trial.suggest_categorical("backbone", list(backbones))
-    _common(trial, (1e-4, 1e-2))
-    trial.suggest_categorical("batch_size", [32, 64, 128])
-    return {"pretrained": opts.pretrained, **_suggest_unfreeze(trial, backbone, opts)}
-
-
-def define_baseline(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
-    trial.suggest_categorical("backbone", list(backbones))
-    _common(trial, (3e-4, 3e-2))
-    trial.suggest_float("dropout", 0.0, 0.5)
-    return {"pretrained": False, "unfreeze_depth": None}
-
-
-def define_finetune(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
-    (backbone,) = backbones
-    _common(trial, (1e-5, 3e-3))
-    return {"backbone": backbone, "pretrained": True, **_suggest_unfreeze(trial, backbone, opts)}
-
-
-def define_probe(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
-    """A head on the frozen backbone's cached features (unfreeze_depth 0): linear, or an MLP of a searched width."""
-    trial.suggest_categorical("backbone", list(backbones))
-    mlp = trial.suggest_categorical("head", ["linear", "mlp"]) == "mlp"
-    if mlp:
-        trial.suggest_int("head_hidden", 64, 512, log=True)
-    trial.suggest_float("dropout", 0.0, 0.5)
-    trial.suggest_float("lr", 1e-4, 3e-2, log=True)
-    trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True)
-    return {"pretrained": opts.pretrained, "unfreeze_depth": 0, **({} if mlp else {"head_hidden": None})}
-
-
-def define_demo(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
-    _common(trial, (1e-4, 1e-2))
-    return {"backbone": backbones[0], "pretrained": False, "unfreeze_depth": None}
-
-
-def define_smoke(trial, backbones: tuple[str, ...], opts: SpaceOptions) -> dict:
-    trial.suggest_float("lr", 1e-3, 3e-2, log=True)
-    trial.suggest_float("aug_strength", 0.0, 1.0)
-    return {"backbone": backbones[0], "pretrained": False, "unfreeze_depth": None}
-
-
-SPACES: dict[str, Space] = {
-    s.name: s
-    for s in [
-        Space("backbones", "backbone choice (baseline_bn + torchvision) x lr, weight decay, unfreeze depth "
-              "(pretrained only), augmentation, batch size", define_backbones,
-              ("backbone", "lr", "weight_decay", "aug_strength", "unfreeze_depth", "batch_size"), num_samples=24,
-              max_epochs=8, grace_period=2, reduction_factor=3,
-              start=({"backbone": "mobilenet_v2", **_DEFAULT_POINT, "batch_size": 128, "unfreeze_depth": "all"},
-                     {"backbone": DEFAULT_BASELINE, **_DEFAULT_POINT, "batch_size": 128})),
-        Space("baseline", "baseline CNNs from scratch: lr, weight decay, augmentation, dropout", define_baseline,
-              ("backbone", "lr", "weight_decay", "aug_strength", "dropout"), num_samples=16, max_epochs=8,
-              grace_period=2, reduction_factor=3, start=({"backbone": DEFAULT_BASELINE, **_DEFAULT_POINT, "dropout": 0.3},)),
-        Space("finetune", "one pretrained backbone (--backbone): unfreeze depth, lr, weight decay, augmentation",
-              define_finetune, ("lr", "weight_decay", "aug_strength", "unfreeze_depth"), num_samples=16, max_epochs=6,
-              grace_period=1, reduction_factor=3, start=({**_DEFAULT_POINT, "unfreeze_depth": "all"},)),
-        # Seconds a trial once the features are cached: hundreds of trials, ASHA over head epochs (rungs 1, 3, 9).
-        Space("probe", "linear/MLP head on frozen features (embedding cache; default --backbones mobilenet_v2; "
-              "timm/... and hf-hub:... too): head, hidden width, dropout, lr, weight decay", define_probe,
-              ("backbone", "head", "head_hidden", "dropout", "lr", "weight_decay"), num_samples=400, max_epochs=12,
-              grace_period=1, reduction_factor=3, constants={"batch_size": 256, "aug_strength": 1.0},
-              cached_features=True, start=({"head": "linear", "dropout": 0.0, **_PROBE_POINT},)),
-        # `make demo` on 2 CPU cores in minutes. Batches of 16: on 512 patches an epoch is 32 steps, enough for
-        # the first epoch's AUC to tell learning rates apart (batches of 64 give 8 steps: noise), so ASHA's cut
-        # after epoch 1 (keep the top third) means something; 12 trials give TPE 9 after its 3 random ones.
-        Space("demo", "the CPU demo (make demo): baseline_bn on 512 training patches, batches of 16: lr, weight "
-              "decay, augmentation; ASHA keeps 1/3 after epoch 1 of 3", define_demo,
-              ("lr", "weight_decay", "aug_strength"), num_samples=12, max_epochs=3, grace_period=1, reduction_factor=3,
-              constants={"max_train_samples": 512, "batch_size": 16}, searches_backbone=False),
-        Space("smoke", "tiny CPU demo/test: baseline_bn on 256 training patches, lr and augmentation, 2 epochs",
-              define_smoke, ("lr", "aug_strength"), num_samples=4, max_epochs=2, grace_period=1, reduction_factor=2,
-              constants={"max_train_samples": 256, "batch_size": 64}, searches_backbone=False),
-    ]
-}
-
-
+@functools.lru_cache(maxsize=None)
 def get_space(name: str) -> Space:
+    """A built-in space, read from its file by the loader a --space-file goes through."""
     if name not in SPACES:
-        raise UserError(f"unknown --space {name!r}; choose one of: {', '.join(SPACES)} (see --list-spaces)")
-    return SPACES[name]
+        raise UserError(f"unknown --space {name!r}; choose one of: {', '.join(SPACES)} (see --list-spaces), "
+                        "or write your own: --space-file FILE.yaml")
+    return load_space(SPACE_FILES / f"{name}.yaml", built_in=True)
 
 
 def list_spaces() -> str:
     width = max(map(len, SPACES))
-    return "\n".join(f"{s.name:<{width}}  {s.description}" for s in SPACES.values())
+    return "\n".join(f"{s.name:<{width}}  {s.description}" for s in map(get_space, SPACES))
 
 
 DEFAULT_PROBE = "mobilenet_v2"  # the backbone whose ImageNet weights install offline (make install)
@@ -212,69 +84,157 @@ def _is_hub_name(name: str) -> bool:
     return is_hub_name(name)
 
 
+def _group(word: str) -> list[str]:
+    return pretrainable_backbones() if word == "pretrainable" else baseline_backbones()
+
+
+def _expand(names) -> list[str]:
+    """Backbone names with the groups (pretrainable, from_scratch) replaced by their members, repeats dropped."""
+    out = [m for n in names for m in (_group(n) if n in ("pretrainable", "from_scratch") else [n])]
+    return list(dict.fromkeys(out))
+
+
 def resolve_backbones(space: Space, opts: SpaceOptions) -> tuple[str, ...]:
     """The backbones a space will actually search, after --backbones / --backbone; checks every name
-    (timm/<model> and hf-hub:<org>/<repo> names wherever pretrained backbones are allowed)."""
-    known = list(_models().MODELS)
-    pretrainable = pretrainable_backbones()
-    baseline_list = baseline_backbones()
+    (timm/<model> and hf-hub:<org>/<repo> names wherever the space allows any or pretrainable backbones)."""
+    rule = space.backbones
+    allowed = list(_models().MODELS) if rule.allowed == "any" else _group(rule.allowed) \
+        if isinstance(rule.allowed, str) else list(rule.allowed)
 
-    def check(names, allowed, option):
+    def check(names, option):
         for n in names:
-            if allowed is not baseline_list and _is_hub_name(n):
+            if rule.allowed in ("any", "pretrainable") and _is_hub_name(n):
                 _models().get_backbone(n)  # an unknown timm model is one line now, not in a trial
                 continue
             if n not in allowed:
-                raise UserError(f"unknown backbone {n!r} in {option} for --space {space.name}; "
+                raise UserError(f"unknown backbone {n!r} in {option} for {space.option}; "
                                 f"choose from: {', '.join(allowed)}")
 
-    if space.name == "finetune":
+    if space.pretrained == "always" and not opts.pretrained:
+        raise UserError(f"{space.option} fine-tunes pretrained weights; drop --no-pretrained "
+                        "(or use --space backbones --no-pretrained to train from scratch)")
+    if rule.mode == "from_option":
         if not opts.backbone:
-            raise UserError("--space finetune needs --backbone NAME; choose from: " + ", ".join(pretrainable))
-        check([opts.backbone], pretrainable, "--backbone")
-        if not opts.pretrained:
-            raise UserError("--space finetune fine-tunes pretrained weights; drop --no-pretrained "
-                            "(or use --space backbones --no-pretrained to train from scratch)")
+            raise UserError(f"{space.option} needs --backbone NAME; choose from: " + ", ".join(allowed))
+        if opts.backbones:
+            raise UserError(f"{space.option} fine-tunes the one --backbone; drop --backbones")
+        check([opts.backbone], "--backbone")
         return (opts.backbone,)
     if opts.backbone:
-        raise UserError(f"--backbone is for --space finetune; with --space {space.name} use --backbones a,b,c")
-    if not space.searches_backbone:
+        raise UserError(f"--backbone is for --space finetune (backbones: from_option: --backbone); with "
+                        f"{space.option} use --backbones a,b,c")
+    if rule.mode == "fixed":
         if opts.backbones:
-            raise UserError(f"--space {space.name} always uses {DEFAULT_BASELINE}; "
+            raise UserError(f"{space.option} always uses {rule.names[0]}; "
                             "use --space backbones --backbones ... instead")
-        return (DEFAULT_BASELINE,)
-    allowed = baseline_list if space.name == "baseline" else pretrainable if space.cached_features else known
+        return rule.names
     if opts.backbones:
-        check(opts.backbones, allowed, "--backbones")
+        check(opts.backbones, "--backbones")
         return tuple(dict.fromkeys(opts.backbones))  # keep order, drop repeats
-    if space.name == "baseline":
-        return tuple(allowed)
-    if space.cached_features:
-        return (DEFAULT_PROBE,)
-    return (DEFAULT_BASELINE, *pretrainable)
+    return tuple(_expand(rule.names))
+
+
+def loads_weights(space: Space, opts: SpaceOptions) -> bool:
+    """Whether this search's pretrainable backbones start from ImageNet weights."""
+    return space.pretrained == "always" or (space.pretrained is True and opts.pretrained)
 
 
 def pretrained_backbones_used(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> list[str]:
     """Backbones whose ImageNet weights the search will load (for the pre-flight weights check)."""
-    if not opts.pretrained or space.name in ("baseline", "smoke", "demo"):
+    if not loads_weights(space, opts):
         return []
     pretrainable = set(pretrainable_backbones())
     return [b for b in backbones if b in pretrainable or _is_hub_name(b)]
 
 
+def _backbone_matches(backbone: str, allowed: tuple, pretrained: bool) -> bool:
+    if allowed[0] in ("pretrained", "from_scratch"):
+        loads = pretrained and _models().is_pretrainable(backbone)
+        return loads == (allowed[0] == "pretrained")
+    return backbone in allowed
+
+
+_ABSENT = object()
+
+
+def condition_holds(param: Param, values: dict, backbone: str, pretrained: bool) -> bool:
+    """Whether ``param`` is drawn, given the values drawn before it (a parameter not drawn fails a condition)."""
+    for on, allowed in param.when:
+        if on == "backbone":
+            if not _backbone_matches(backbone, allowed, pretrained):
+                return False
+        elif not any(values.get(on, _ABSENT) == v for v in allowed):
+            return False
+    return True
+
+
+def suggest(trial, param: Param, backbone: str):
+    """One ``trial.suggest_*`` call; a STAGES bound is the backbone's number of stages (Optuna allows a dynamic
+    range; with the multivariate, grouped TPE sampler it is modelled jointly with the backbone that made it)."""
+    if param.distribution == "categorical":
+        return trial.suggest_categorical(param.name, list(param.choices))
+    high = _models().num_stages(backbone) if param.high == STAGES else param.high
+    if param.distribution == "int":
+        return trial.suggest_int(param.name, param.low, high, step=param.step or 1, log=param.log)
+    return trial.suggest_float(param.name, param.low, high, step=param.step, log=param.distribution == "log_uniform")
+
+
 def define_by_run(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> Callable[[Any], dict]:
     """The Optuna define-by-run function for this search: the space plus the search-wide constants."""
+    pretrained = loads_weights(space, opts)
     constants = {**space.constants, "epochs": opts.max_epochs, "seed": opts.seed, "precision": opts.precision}
-    return functools.partial(_define_with_constants, space.define, backbones, opts, constants)
+    if not space.searches_backbone:
+        constants["backbone"] = backbones[0]
+    constants["pretrained"] = pretrained
+    return functools.partial(draw, space.parameters, tuple(backbones) if space.searches_backbone else None,
+                             pretrained, constants)
 
 
-def _define_with_constants(define, backbones, opts, constants, trial) -> dict:
-    return {**constants, **define(trial, backbones, opts)}
+def draw(params: tuple, choose_from: tuple | None, pretrained: bool, constants: dict, trial) -> dict:
+    """Draw one config (``choose_from``: the backbones to draw among, None when it is a constant); returns the
+    constants, with each conditional parameter that was not drawn at its ``otherwise`` value."""
+    values: dict = {}
+    backbone = trial.suggest_categorical("backbone", list(choose_from)) if choose_from else constants["backbone"]
+    out = dict(constants)
+    for p in params:
+        if p.when and not condition_holds(p, values, backbone, pretrained):
+            out[p.name] = p.otherwise
+            continue
+        values[p.name] = suggest(trial, p, backbone)
+    return out
 
 
-def searched_keys(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> list[str]:
-    """The keys this search draws (the rest of a config is constant): the space's declared ``searched``, less
-    unfreeze_depth when no backbone of the search can draw it (from scratch, or no pretrainable backbone)."""
-    m = _models()
-    depth_drawn = opts.pretrained and any(m.is_pretrainable(b) for b in backbones)
-    return [k for k in space.searched if k != "unfreeze_depth" or depth_drawn]
+def start_points(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> list[dict]:
+    """The space's starting configurations for this search, in the names its define-by-run function suggests:
+    those of the search's backbones (a point without one starts on the first), a STAGES value the backbone's
+    number of stages, and a conditional parameter only where its condition holds."""
+    pretrained = loads_weights(space, opts)
+    points = []
+    for p in space.start:
+        p = dict(p)
+        backbone = p.get("backbone", backbones[0])
+        if space.searches_backbone:
+            if backbone not in backbones:
+                continue
+            p["backbone"] = backbone
+        for param in space.parameters:
+            if param.when and not condition_holds(param, p, backbone, pretrained):
+                p.pop(param.name, None)
+            elif p.get(param.name) == STAGES:
+                p[param.name] = _models().num_stages(backbone)
+        points.append(p)
+    return points
+
+
+def drawn_keys(space: Space, backbones: tuple[str, ...], opts: SpaceOptions) -> list[str]:
+    """The keys this search draws (the rest of a config is constant), in drawing order: the space's parameters
+    less those whose backbone condition no backbone of the search meets (the unfreeze depth from scratch, or
+    without a pretrainable backbone), and those conditioned on a parameter that is never drawn."""
+    pretrained = loads_weights(space, opts)
+    keys = ["backbone"] if space.searches_backbone else []
+    for p in space.parameters:
+        on_backbone = [a for on, a in p.when if on == "backbone"]
+        if all(any(_backbone_matches(b, a, pretrained) for b in backbones) for a in on_backbone) and \
+                all(on == "backbone" or on in keys for on, _ in p.when):
+            keys.append(p.name)
+    return keys

@@ -47,13 +47,23 @@ def progress_rows(experiment: Path, trial_id: str) -> int:
     return len(pd.read_csv(trial_dir / "progress.csv"))
 
 
-def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
+# The smoke space as a file a user wrote (another lr range): the search resumes from the copy kept with its settings.
+USER_SPACE = (REPO / "search" / "space_files" / "smoke.yaml").read_text().replace("name: smoke", "name: mine") \
+    .replace("high: 3e-2", "high: 2e-2")
+
+
+@pytest.mark.parametrize("space", [
+    "built-in", pytest.param("file", marks=pytest.mark.slow)])  # the same resume; a file's copy is what differs
+def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path, space):
     from datasets.synthetic import write_kaggle_layout
 
     write_kaggle_layout(tmp_path / "pcam", n=240, seed=0)  # tiny: seconds per CPU epoch
     uri = f"sqlite:///{tmp_path / 'results'}/mlflow.db"
     experiment = tmp_path / "results" / "ray" / NAME
-    proc = start_search(tmp_path, "--space", "smoke", "--num-samples", str(NUM_SAMPLES), "--max-epochs", "2",
+    if space == "file":
+        (tmp_path / "mine.yaml").write_text(USER_SPACE)
+    chosen = ["--space", "smoke"] if space == "built-in" else ["--space-file", str(tmp_path / "mine.yaml")]
+    proc = start_search(tmp_path, *chosen, "--num-samples", str(NUM_SAMPLES), "--max-epochs", "2",
                         "--seed", "5", "--data-dir", str(tmp_path / "pcam"))
     try:
         deadline = time.monotonic() + 300
@@ -115,3 +125,6 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert "intermediate_values.png" in artifacts and "parallel_coordinate.png" in artifacts
     best = json.loads((tmp_path / "results" / NAME / "best_config.json").read_text())
     assert best["parent_run_id"] == parents[0].info.run_id and best["config"]["seed"] == 5
+    if space == "file":  # every trial, before and after the kill, drew from the file's range
+        assert best["space"] == "mine" and board["lr"].between(1e-3, 2e-2).all()
+        assert (tmp_path / "results" / NAME / "space.yaml").read_text() == USER_SPACE

@@ -8,8 +8,8 @@ import pytest
 
 from datasets.errors import UserError
 from search import plan as search_plan
-from search.spaces import SPACES, SpaceOptions, define_by_run, get_space, list_spaces, \
-    resolve_backbones, searched_keys
+from search.spaces import SPACES, SpaceOptions, define_by_run, drawn_keys, get_space, list_spaces, \
+    resolve_backbones
 from trainables.models import MODELS, is_pretrainable, num_stages
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -151,7 +151,7 @@ def test_objective_is_the_best_healthy_epoch():
     assert math.isnan(auc) and epoch == 0
 
 
-def drawn_keys(space_name: str, opts: SpaceOptions, n: int = 40) -> set[str]:
+def sampled_keys(space_name: str, opts: SpaceOptions, n: int = 40) -> set[str]:
     space = get_space(space_name)
     fn = define_by_run(space, resolve_backbones(space, opts), opts)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
@@ -172,10 +172,10 @@ def drawn_keys(space_name: str, opts: SpaceOptions, n: int = 40) -> set[str]:
     ("smoke", SpaceOptions()),
 ])
 def test_every_space_declares_exactly_the_keys_it_draws(space_name, opts):
-    """Spaces are data: the live table's columns come from Space.searched, so it must match what define draws."""
+    """The live table's columns come from drawn_keys, so it must match what the define-by-run function draws."""
     space = get_space(space_name)
-    declared = searched_keys(space, resolve_backbones(space, opts), opts)
-    assert set(declared) == drawn_keys(space_name, opts), f"space {space_name!r}: fix Space.searched"
+    declared = drawn_keys(space, resolve_backbones(space, opts), opts)
+    assert set(declared) == sampled_keys(space_name, opts), f"space {space_name!r}"
     assert len(declared) == len(set(declared))
 
 
@@ -184,4 +184,4 @@ def test_every_space_is_covered_by_the_declared_keys_test():
     for name in SPACES:
         opts = SpaceOptions(backbone="resnet18") if name == "finetune" else SpaceOptions()
         space = get_space(name)
-        assert set(searched_keys(space, resolve_backbones(space, opts), opts)) == drawn_keys(name, opts), name
+        assert set(drawn_keys(space, resolve_backbones(space, opts), opts)) == sampled_keys(name, opts), name
