@@ -201,7 +201,7 @@ def _jsonable(config: dict) -> dict:
 
 def write_json(path: Path, record: dict) -> None:
     """Atomic: readers (refit_best, a resume) never see half a file; a killed writer's temp is pid-marked."""
-    from search.submission import atomic_path
+    from search.refit.submission import atomic_path
 
     tmp = atomic_path(path)
     tmp.write_text(json.dumps(record, indent=2) + "\n")

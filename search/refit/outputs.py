@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.cache import fsync_path, pid_alive
-from search import submission as sub
-from search.submission import TMP_MARK
+from search.refit import submission as sub
+from search.refit.submission import TMP_MARK
 
 CURRENT = "refit"
 PREFIX = "refit-"
@@ -31,7 +31,7 @@ PREFIX = "refit-"
 ENTRIES = ("model.pt", "submission.csv", "refit.json", "oof.csv", "test_roc_curve.png")
 
 if TYPE_CHECKING:
-    from search.refit_train import Fitted
+    from search.refit.train import Fitted
 
 
 def new_version(out_dir: Path) -> Path:

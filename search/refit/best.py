@@ -4,19 +4,19 @@
 
 1. the best trial of search NAME (default: the newest) from <results>/<NAME>/best_config.json;
 2. retrain its config on train + validation rows along the trial's own schedule, stopped at its best
-   epoch; or, as an ensemble (search.ensemble), K folds of it (with an out-of-fold AUC) or the K best configs;
+   epoch; or, as an ensemble (search.refit.ensemble), K folds of it (with an out-of-fold AUC) or the K best configs;
 3. predict the test split with 8-view TTA (averaged over the members) -> submission.csv;
-4. save model.pt and submission.csv in one version folder published atomically (search.refit_outputs)
+4. save model.pt and submission.csv in one version folder published atomically (search.refit.outputs)
    and log an MLflow run under the search's experiment, with the model registered as ``pcam-<NAME>``
-   (search.registry: a pyfunc that averages the members, no pickle);
+   (search.refit.registry: a pyfunc that averages the members, no pickle);
 5. with test labels (PCam HDF5 test split, --test-labels, or test_labels.csv beside
    sample_submission.csv) report the test AUC and log a ROC curve.
 
 Being killed at any point leaves the previous model.pt/submission.csv pair (or none) published; running
 the command again redoes the refit and cleans up what the killed run left.
 
-One module a step: search.refit_find (1), search.refit_data (the data again), search.refit_train (2, 3),
-search.refit_outputs (4: the files), search.refit_tracking (4: MLflow, the registered model); this one is the
+One module a step: search.refit.find (1), search.refit.data (the data again), search.refit.train (2, 3),
+search.refit.outputs (4: the files), search.refit.tracking (4: MLflow, the registered model); this one is the
 command line and the order.
 """
 from __future__ import annotations
@@ -30,12 +30,12 @@ import numpy as np
 from datasets.defaults import results_root
 from datasets.errors import UserError, check_writable, run_cli
 from datasets.test_labels import find_test_labels
-from search import refit_outputs
-from search.refit_data import expected_test_ids, labelled_rows, open_search_data
-from search.refit_find import find_best
-from search.refit_outputs import clean_killed_outputs, report_test_auc, write_outputs
-from search.refit_tracking import log_outputs, mlflow_uri, refit_mode, tracking_run
-from search.refit_train import checkpoint_model, plan_members, train_members
+from search.refit import outputs as refit_outputs
+from search.refit.data import expected_test_ids, labelled_rows, open_search_data
+from search.refit.find import find_best
+from search.refit.outputs import clean_killed_outputs, report_test_auc, write_outputs
+from search.refit.tracking import log_outputs, mlflow_uri, refit_mode, tracking_run
+from search.refit.train import checkpoint_model, plan_members, train_members
 from search.report import write_json
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.errors import DataError, UserError, check_writable, run_cli
-from search import submission as sub
+from search.refit import submission as sub
 from trainables.device import DEVICE_HELP, check_device
 from trainables.fastpath import PRECISIONS
 
@@ -46,7 +46,7 @@ def score_folder(model_path: Path, images_dir: Path, tta: bool = True, batch_siz
     from tqdm.auto import tqdm
 
     from datasets.images import read_patches
-    from search.ensemble import load_ensemble
+    from search.refit.ensemble import load_ensemble
     from trainables.train import fast_path, pick_device, trial_cpus
 
     if not Path(model_path).is_file():
