@@ -11,7 +11,7 @@ import pytest
 
 from datasets.errors import DataError, UserError
 from datasets.test_labels import read_test_labels
-from search import submission as sub
+from search.refit import submission as sub
 
 IDS = np.array(["b", "a", "c"])
 
