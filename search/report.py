@@ -201,11 +201,9 @@ def _jsonable(config: dict) -> dict:
 
 def write_json(path: Path, record: dict) -> None:
     """Atomic: readers (refit_best, a resume) never see half a file; a killed writer's temp is pid-marked."""
-    from search.refit.submission import atomic_path
+    from datasets.files import write_atomically
 
-    tmp = atomic_path(path)
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(record, indent=2) + "\n")
 
 
 def roc_figure(labels, probs, label: str, title: str):

@@ -182,15 +182,12 @@ def load_table(path: Path) -> dict:
 
 def write_table(path: Path, table: dict) -> None:
     """Atomically (datasets.files): the header indented, one line per record (small, diffable)."""
-    from search.refit.submission import atomic_path
+    from datasets.files import write_atomically
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     head = {k: v for k, v in table.items() if k != "records"}
     text = json.dumps(head, indent=1)[:-2] + ',\n "records": [\n' + ",\n".join(
         json.dumps(r, separators=(",", ":")) for r in table["records"]) + "\n ]\n}\n"
-    tmp = atomic_path(path)
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomically(path, text)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.errors import DataError, UserError, check_writable, run_cli
+from datasets.files import clean_stale_temps
 from search.refit import submission as sub
 from trainables.device import DEVICE_HELP, check_device
 from trainables.fastpath import PRECISIONS
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     out = check_writable(args.out, "--out")  # before minutes of scoring, not after
     ids, probs = score_folder(Path(args.model), Path(args.images), tta=not args.no_tta, batch_size=args.batch_size,
                               precision=args.precision, device=check_device(args.device))
-    sub.clean_stale_tmp(out)
+    clean_stale_temps(out.parent, out.name)  # a killed earlier run's temporary
     sub.write_submission(out, np.asarray(ids), probs)
     print(f"wrote {out} ({len(ids):,} patches, TTA {'off' if args.no_tta else 'on'})")
     return 0

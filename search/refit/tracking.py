@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.cache import pid_alive
+from datasets.files import pid_alive
 from datasets.defaults import default_tracking_uri, results_root
 from search.refit.ensemble import Member
 from search.tracking import ROLE_TAG  # "refit" / "refit-member" mark ours, beside the search's parent/trial
