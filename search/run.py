@@ -17,6 +17,7 @@ from pathlib import Path
 
 from datasets import defaults
 from datasets.errors import UserError, renamed_option, run_cli
+from datasets.files import atomic_path
 from search import error_bars, holdout, insight, private_api, report, searcher, tracking
 from search.outcome import OBJECTIVE, what_to_change
 from search.plan import Plan, plan_search
@@ -199,7 +200,8 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path,
             next(s for s in summaries if s.trial_id == trial_id).extra["holdout"] = est
     board = report.leaderboard(summaries)
     board_path = out_dir / "leaderboard.csv"
-    board.to_csv(board_path, index=False)
+    with atomic_path(board_path) as tmp:
+        board.to_csv(tmp, index=False)
     interrupted = plan.interrupted
     resume_hint = f"continue it with: python -m search.run --name {plan.name} --resume"
     print("\n" + report.format_leaderboard(board, plan.args.leaderboard_rows))
