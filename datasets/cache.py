@@ -21,6 +21,7 @@ import numpy as np
 
 from datasets.defaults import default_cache_root
 from datasets.errors import DataError
+from datasets.files import clean_stale_temps, fsync_path, temp_path
 from datasets.source import CACHE_VERSION, Source
 
 SHAPE = (96, 96, 3)
@@ -73,42 +74,11 @@ def open_cache(path: str | os.PathLike) -> PatchCache:
     return PatchCache(path, images, ids, labels, split, groups, meta["fingerprint"], meta.get("source", {}))
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (temp files carry their writer's pid, so stale ones can be told apart)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_builds(root: Path) -> None:
-    """Temp folders of builds whose process is gone (killed, crashed) are garbage: remove them."""
-    for tmp in root.glob(".tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 1)[1])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a written file to disk before it is renamed into place; on a folder, make the renames in it durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def build_cache(src: Source, final: Path, progress: bool = True) -> PatchCache:
     """Decode ``src`` into ``final`` atomically (temp folder, fsync, rename)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(final.parent)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    clean_stale_temps(final.parent)  # builds whose process is gone (killed, crashed) are garbage
+    tmp = temp_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     t0 = time.perf_counter()

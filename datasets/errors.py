@@ -7,6 +7,7 @@ never as a traceback.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -69,3 +70,14 @@ def run_cli(main: Callable[..., int | None]) -> Callable[..., int]:
 
     return wrapper
 
+
+def renamed_option(new: str) -> type[argparse.Action]:
+    """An argparse action for an option's old name: still accepted, with a one-line warning naming ``new``.
+    Use: ``p.add_argument("--old", dest=<new's dest>, action=renamed_option("--new"), help=argparse.SUPPRESS)``."""
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"warning: {option_string} is deprecated for this command, use {new} {values}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    return Renamed

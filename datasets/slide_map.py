@@ -122,10 +122,10 @@ def build_slide_map(kaggle_dir: Path, pcam_dir: Path, tolerance: float = 2.0, ca
 def write_slide_map(path: Path, mapping: dict[str, str]) -> None:
     import pandas as pd
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pd.DataFrame({"id": list(mapping), "slide": list(mapping.values())}).to_csv(tmp, index=False)
-    tmp.replace(path)
+    from datasets.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        pd.DataFrame({"id": list(mapping), "slide": list(mapping.values())}).to_csv(tmp, index=False)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

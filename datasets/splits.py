@@ -4,7 +4,7 @@ Random patch splits leak slides: neighbouring patches of one whole-slide image a
 so a patch-level split puts the same tissue on both sides and inflates validation AUC. When a
 patch -> slide map is known the split is by slide; the official PCam split is used as it is.
 
-One policy for every split (train/validation here, the search's holdout, the refit's folds in search.ensemble):
+One policy for every split (train/validation here, the search's holdout, the refit's folds in search.refit.ensemble):
 ``stratified_folds``, scikit-learn's StratifiedGroupKFold / StratifiedKFold; a fraction is m of its K folds
 (``split_off``).
 """

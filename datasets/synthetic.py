@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.errors import UserError, run_cli
+from datasets.files import clean_stale_temps, temp_path
 
 SIZE = 96
 CENTRE = slice(32, 64)  # PCam: the label looks at the centre 32x32 only
@@ -284,7 +285,8 @@ def ensure_synthetic(root: str | os.PathLike, n: int = 2000, seed: int = 0) -> P
     if (final / "train_labels.csv").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    clean_stale_temps(final.parent, final.name)  # a killed generation's
+    tmp = temp_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     write_kaggle_layout(tmp, n, seed)
     try:

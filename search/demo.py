@@ -59,7 +59,7 @@ def summary(results: Path, name: str) -> list[str]:
 @run_cli
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    from search import refit_best
+    from search.refit import best as refit_best
     from search import run as search_run
 
     started = time.monotonic()

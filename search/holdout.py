@@ -18,6 +18,7 @@ DEFAULT_TOP = 3
 # The default holdout is dropped (with a note) when it would hold fewer slides (patches without a slide map)
 # than this: a figure about one or two slides is no estimate of anything. An explicit --holdout is kept, warned.
 MIN_SLIDES, MIN_PATCHES = 3, 50
+PREDICT_CHUNK = 4096  # rows decoded from the memmap at a time (57k full test set would be 1.6 GB)
 
 
 def check_options(fraction: float | None, top: int) -> None:
@@ -49,9 +50,22 @@ def choose(cache, fraction: float | None, seed: int) -> tuple[float, np.ndarray,
     return DEFAULT_FRACTION if fraction is None else fraction, rows, None
 
 
+def predict_cache_rows(model, cache, rows, config, tta: bool, batch_size: int | None) -> np.ndarray:
+    """TTA probabilities of cache rows (held-out here; the refit's test rows too), read from the memmap a chunk at a time."""
+    from datasets.progress import bar as progress_bar
+    from trainables.train import predict_proba
+
+    out = np.empty(len(rows), dtype=np.float32)
+    with progress_bar(total=len(rows), desc="predict", unit="img", leave=False) as bar:
+        for start in range(0, len(rows), PREDICT_CHUNK):
+            chunk = rows[start:start + PREDICT_CHUNK]
+            out[start:start + len(chunk)] = predict_proba(model, cache.images[chunk], config, tta=tta, batch_size=batch_size)
+            bar.update(len(chunk))
+    return out
+
+
 def score_checkpoint(checkpoint_path: str, cache, rows: np.ndarray, tta: bool = True) -> np.ndarray:
     """P(tumour) of cache ``rows`` by the network in a trial's checkpoint (a folder or a storage URI)."""
-    from search.refit_train import predict_cache_rows
     from search.storage import local_checkpoint
     from trainables.train import load_checkpoint_model
 

@@ -20,6 +20,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datasets.files import atomic_write
+
 MIN_TRIALS_FOR_IMPORTANCE = 4
 TOP_K = 3
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
@@ -111,7 +113,8 @@ def _save(ax, path: Path) -> Path:
     plt = _pyplot()
     fig = ax.figure
     fig.set_size_inches(9, 5.5)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from datasets.files import atomic_write, write_atomically
 from search import private_api
 from search import outcome as outcomes
 from search.outcome import OBJECTIVE, Outcome, decide
@@ -201,11 +202,7 @@ def _jsonable(config: dict) -> dict:
 
 def write_json(path: Path, record: dict) -> None:
     """Atomic: readers (refit_best, a resume) never see half a file; a killed writer's temp is pid-marked."""
-    from search.submission import atomic_path
-
-    tmp = atomic_path(path)
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(record, indent=2) + "\n")
 
 
 def roc_figure(labels, probs, label: str, title: str):
@@ -239,7 +236,8 @@ def plot_roc(best: TrialSummary, out: Path) -> Path | None:
         return None
     fig = roc_figure(labels, probs, best.trial_id,
                      f"Best trial ROC, epoch {best.best_epoch} ({best.config.get('backbone')})")
-    fig.savefig(out, dpi=100)
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     return out
 
 
@@ -263,7 +261,8 @@ def plot_learning_curves(summaries: list[TrialSummary], out: Path) -> Path | Non
     ax2.set(xlabel="epoch", ylabel="loss", title=f"Best trial {with_hist[0].trial_id}")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return out
 

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from datasets import defaults
-from datasets.errors import UserError, run_cli
+from datasets.errors import UserError, renamed_option, run_cli
+from datasets.files import atomic_path
 from search import error_bars, holdout, insight, private_api, report, searcher, tracking
 from search.outcome import OBJECTIVE, what_to_change
 from search.plan import Plan, plan_search
@@ -76,7 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--stock-feedback", action="store_true", help=argparse.SUPPRESS)  # Ray's OptunaSearch (bench)
     p.add_argument("--results-dir", help="results root (default $PCAM_TUNE_RESULTS, else ./results)")
     p.add_argument("--cache-dir", help="decode-once cache root (default $PCAM_TUNE_CACHE, else ~/.cache/pcam-tune)")
-    p.add_argument("--top-k", type=int, default=report.TOP_K, help="leaderboard rows printed (default 10)")
+    p.add_argument("--leaderboard-rows", type=int, default=report.TOP_K, metavar="N", help="leaderboard rows printed (default 10)")
+    p.add_argument("--top-k", type=int, dest="leaderboard_rows", action=renamed_option("--leaderboard-rows"), help=argparse.SUPPRESS)
     p.add_argument("--holdout", type=float, metavar="FRACTION",
                    help=f"labelled patches set aside that no trial trains or validates on, by slide when slides are "
                         f"known (default {holdout.DEFAULT_FRACTION}; 0 = none); the top trials' best checkpoints are "
@@ -203,10 +205,11 @@ def finish(plan: Plan, summaries, cache, data_dir, parent_run_id, out_dir: Path,
             next(s for s in summaries if s.trial_id == trial_id).extra["holdout"] = est
     board = report.leaderboard(summaries)
     board_path = out_dir / "leaderboard.csv"
-    board.to_csv(board_path, index=False)
+    with atomic_path(board_path) as tmp:
+        board.to_csv(tmp, index=False)
     interrupted = plan.interrupted
     resume_hint = f"continue it with: python -m search.run --name {plan.name} --resume"
-    print("\n" + report.format_leaderboard(board, plan.args.top_k))
+    print("\n" + report.format_leaderboard(board, plan.args.leaderboard_rows))
     best = report.winner(summaries)  # the leaderboard's first row (search.outcome.rank_key)
     if best is None:
         tracking.finish_parent(plan.tracking_uri, parent_run_id, metrics={"n_trials": len(summaries)},

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from datasets.errors import UserError
+from datasets.files import write_atomically
 from search.report import write_json
 from search.space_file import load_space
 from search.space_format import Space
@@ -66,9 +66,7 @@ def save_settings(plan, data_fingerprint: str) -> None:
                 "space_sha256": plan.space.sha256}
     folder = plan.results_dir / plan.name
     copy = folder / SPACE_COPY
-    tmp = copy.with_name(f".{SPACE_COPY}.{os.getpid()}.tmp")
-    tmp.write_bytes(plan.space.text.encode("utf-8"))  # byte for byte: its sha256 is the file's
-    tmp.replace(copy)
+    write_atomically(copy, plan.space.text.encode("utf-8"))  # byte for byte: its sha256 is the file's
     write_json(folder / SETTINGS_FILE, settings)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from search.bench_record import FORMAT, grid_configs, config_key, write_table
+from search.bench.record import FORMAT, grid_configs, config_key, write_table
 
 GRID = {"baseline_bn": {"lr": [1e-4, 1e-3, 1e-2, 1e-1], "weight_decay": [1e-5], "aug_strength": [0.0, 0.5],
                         "batch_size": [32], "unfreeze_depth": [None]},

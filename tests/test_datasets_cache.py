@@ -99,7 +99,7 @@ def test_sigkill_mid_build_leaves_no_usable_cache(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, str(data), str(cache_root)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while not list(cache_root.glob(".tmp-*/images.u8")):  # the build has started writing pixels
+    while not list(cache_root.glob(".*.tmp-*/images.u8")):  # the build has started writing pixels
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
         time.sleep(0.05)
     time.sleep(0.3)
@@ -107,11 +107,11 @@ def test_sigkill_mid_build_leaves_no_usable_cache(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     # nothing complete-looking was left: only the killed build's temp folder
-    assert [p.name for p in cache_root.iterdir() if not p.name.startswith(".tmp-")] == []
+    assert [p.name for p in cache_root.iterdir() if ".tmp-" not in p.name] == []
     cache = prepare_dataset(data, cache_root, progress=False)
     assert cache.images.shape == (300, 96, 96, 3)
     assert int(np.asarray(cache.images[-1]).sum()) > 0  # really decoded, not zeros from a half-written file
-    assert not list(cache_root.glob(".tmp-*")), "the dead build's temp folder is cleaned up"
+    assert not list(cache_root.glob(".*.tmp-*")), "the dead build's temp folder is cleaned up"
 
 
 def test_cache_dir_env_override(tmp_path, monkeypatch):

@@ -8,7 +8,9 @@ import io
 
 import pytest
 
-from search import ensemble, error_bars, refit_find, report, searcher
+from search import error_bars, report, searcher
+from search.refit import ensemble
+from search.refit import find as refit_find
 from search.outcome import Outcome, rank_key
 from tests.support.toy import toy_auc
 

@@ -27,7 +27,8 @@ import torch
 
 from datasets.cache import prepare_dataset
 from datasets.synthetic import write_kaggle_layout
-from search import predict, refit_best
+from search.refit import predict
+from search.refit import best as refit_best
 from trainables.train import DEFAULTS, load_model, predict_proba
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,7 +268,7 @@ def test_predict_streams_a_folder_larger_than_its_chunk_in_bounded_memory(refitt
     import tracemalloc
 
     from datasets.images import read_patches
-    from search.ensemble import load_ensemble
+    from search.refit.ensemble import load_ensemble
 
     src = sorted((refitted["data_dir"] / "test").glob("*.tif"))
     folder, n = tmp_path / "many", 480
@@ -483,7 +484,7 @@ def test_folds_are_slide_disjoint_and_the_oof_auc_comes_from_held_out_prediction
 
 def test_fold_members_held_out_predictions_are_their_own(folded):
     """Each fold's oof.csv scores are what that fold's network, which never saw those rows, predicts for them."""
-    from search.ensemble import load_ensemble
+    from search.refit.ensemble import load_ensemble
 
     cache = folded["cache"]
     ensemble = load_ensemble(folded["out"] / "model.pt")
@@ -497,7 +498,7 @@ def test_fold_members_held_out_predictions_are_their_own(folded):
 
 def test_ensemble_model_file_registered_model_and_predict_match_the_submission(folded, tmp_path, monkeypatch):
     import mlflow
-    from search.ensemble import ENSEMBLE_FORMAT, load_ensemble
+    from search.refit.ensemble import ENSEMBLE_FORMAT, load_ensemble
 
     cache, s = folded["cache"], folded["summary"]
     test_images = np.ascontiguousarray(cache.images[cache.indices("test")])

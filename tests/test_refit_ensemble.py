@@ -1,11 +1,11 @@
-"""search.ensemble: folds by slide, an out-of-fold estimate that cannot leak, the averaged model."""
+"""search.refit.ensemble: folds by slide, an out-of-fold estimate that cannot leak, the averaged model."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from datasets.errors import UserError
-from search.ensemble import Member, fit_members, fold_positions, out_of_fold
+from search.refit.ensemble import Member, fit_members, fold_positions, out_of_fold
 
 
 def _slides(n_slides: int = 12, per_slide: int = 10, seed: int = 0):

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from search import refit_outputs as ro
+from search.refit import outputs as ro
 
 
 def _write(version, tag: str) -> None:

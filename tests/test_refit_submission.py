@@ -1,9 +1,5 @@
-"""Submission files: validation, atomic writes, stale temporaries, test-label files."""
+"""Submission files: validation, the atomic write (its temporaries: tests/test_datasets_files.py), test-label files."""
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -11,7 +7,7 @@ import pytest
 
 from datasets.errors import DataError, UserError
 from datasets.test_labels import read_test_labels
-from search import submission as sub
+from search.refit import submission as sub
 
 IDS = np.array(["b", "a", "c"])
 
@@ -39,17 +35,6 @@ def test_invalid_submission_never_replaces_the_old_one(tmp_path, ids, probs, mat
         sub.write_submission(path, np.array(ids), np.array(probs), expected_ids=IDS)
     assert path.read_bytes() == before
     assert not list(tmp_path.glob(".*"))
-
-
-def test_clean_stale_tmp_keeps_live_writers(tmp_path):
-    final = tmp_path / "model.pt"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".model.pt{sub.TMP_MARK}{dead.stdout.strip()}"
-    live = tmp_path / f".model.pt{sub.TMP_MARK}{os.getppid()}"  # our parent is alive
-    stale.write_bytes(b"half")
-    live.write_bytes(b"in progress")
-    assert sub.clean_stale_tmp(final) == [stale]
-    assert live.exists() and not stale.exists()
 
 
 def test_read_test_labels_orders_by_ids(tmp_path):

@@ -1,9 +1,9 @@
-"""search.bench: the incumbent bookkeeping (fast), and a whole tiny bench run on synthetic data (slow)."""
+"""search.bench (search.bench.trials): the incumbent bookkeeping (fast), and a whole tiny bench run on synthetic data (slow)."""
 from __future__ import annotations
 
 import pytest
 
-from search import bench
+from search.bench import trials as bench
 
 
 def _result(auc, epoch, status="running"):

@@ -1,4 +1,4 @@
-"""search.bench_record.record_one trains a grid point with the product's own fit and scores every epoch on the
+"""search.bench.record.record_one trains a grid point with the product's own fit and scores every epoch on the
 held-out patches, for both training paths: a network fine-tuned end to end, and a head on the embedding cache
 (unfreeze_depth 0, whose checkpoints hold the head only)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import argparse
 import numpy as np
 import pytest
 
-from search import bench_record
+from search.bench import record as bench_record
 
 
 @pytest.fixture(scope="module")

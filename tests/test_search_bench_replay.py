@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 from bench_tables import GRID, make_table
-from search import bench_record, bench_replay, bench_sim, searcher, tuner
-from search.bench_replay import STRATEGIES, Table, build, replay_results
+from search import searcher, tuner
+from search.bench import record as bench_record
+from search.bench import replay as bench_replay
+from search.bench import sim as bench_sim
+from search.bench.replay import STRATEGIES, Table, build, replay_results
 from search.spaces import get_space
 
 REPO_TABLE = Path(__file__).resolve().parents[1] / "bench" / "recorded" / "pcam_lcbench.json"
@@ -131,7 +134,7 @@ def test_simulation_takes_the_same_decisions_as_a_real_tuner(ray_local, tmp_path
 
 
 def test_replay_cli_prints_the_table_and_writes_the_png(table, tmp_path, capsys):
-    from search.bench import main
+    from search.bench.cli import main
 
     out = tmp_path / "b.png"
     assert main(["--recorded", table.path, "--seeds", "3", "--budget-trials", "6", "--out", str(out)]) == 0

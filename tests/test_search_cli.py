@@ -63,3 +63,20 @@ def test_bad_data_dir_fails_before_ray(tmp_path):
     (bad / "train_labels.csv").write_text("id,label\nabc,1\n")  # an id with no image
     proc = run_cli(["--space", "smoke", "--data-dir", str(bad)], tmp_path)
     assert_one_line_error(proc, str(bad))
+
+
+def test_leaderboard_rows_is_the_option_and_top_k_its_old_name_with_a_warning(capsys):
+    """--top-k is the refit's ensemble size; search.run's leaderboard rows are --leaderboard-rows (--top-k warned)."""
+    from search import report
+    from search.refit.best import get_args_parser as refit_parser
+    from search.run import get_args_parser
+
+    assert get_args_parser().parse_args([]).leaderboard_rows == report.TOP_K
+    assert get_args_parser().parse_args(["--leaderboard-rows", "3"]).leaderboard_rows == 3
+    assert capsys.readouterr().err == ""
+    assert get_args_parser().parse_args(["--top-k", "4"]).leaderboard_rows == 4
+    assert capsys.readouterr().err.splitlines() == ["warning: --top-k is deprecated for this command, use "
+                                                    "--leaderboard-rows 4"]
+    assert "--top-k" not in get_args_parser().format_help() and "--leaderboard-rows" in get_args_parser().format_help()
+    assert refit_parser().parse_args(["--top-k", "3"]).top_k == 3  # the refit's --top-k K keeps its meaning
+    assert capsys.readouterr().err == ""

@@ -337,7 +337,7 @@ def test_driver_killed_then_resume_on_the_cluster_with_s3_storage(ray_cluster, c
     the object store."""
     import pyarrow.fs
 
-    from search import refit_best
+    from search.refit import best as refit_best
 
     name, uri, storage = "driver-death", f"sqlite:///{tmp_path}/results/mlflow.db", s3_bucket
     proc = start_driver(tmp_path, ray_cluster, cluster_data, name, "--num-samples", "2", "--max-epochs", "4",

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from search import refit_best
+from search.refit import best as refit_best
 from search import run as search_run
 
 BACKBONE = "timm/test_vit"  # 0.3M parameters, fixed 160 px input: also the resize path
@@ -49,7 +49,7 @@ def test_probe_winner_refits_submits_and_model_pt_serves_it(probe_search):
     assert refit_best.main(["--results-dir", str(results), "--name", "probe-test", "--no-mlflow",
                             "--test-labels", str(root / "data" / "test_labels.csv")]) == 0
     from datasets.cache import open_cache
-    from search.ensemble import load_ensemble
+    from search.refit.ensemble import load_ensemble
 
     cache = open_cache(record["cache_path"])
     out = results / "probe-test"

@@ -323,8 +323,8 @@ def test_top_k_refit_averages_the_best_distinct_configs_of_the_search(smoke_sear
     import torch
 
     from datasets.cache import open_cache
-    from search import refit_best
-    from search.ensemble import ENSEMBLE_FORMAT, load_ensemble
+    from search.refit import best as refit_best
+    from search.refit.ensemble import ENSEMBLE_FORMAT, load_ensemble
 
     results, record = smoke_search
     board = pd.read_csv(results / "smoke-test" / "leaderboard.csv", dtype={"trial_id": str})

@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from datasets.cache import prepare_dataset
 from datasets.errors import run_cli
+from datasets.files import write_atomically
 from datasets.splits import train_val_split
 from datasets.test_labels import find_test_labels
 from trainables import augment
@@ -54,7 +55,7 @@ def measure(data_dir: str, seeds: list[int], out: Path, epochs: int, variants: l
                        "seconds": round(time.perf_counter() - t0, 1)}
                 rows.append(row)
                 np.save(out.with_name(f"{out.stem}-{shift}-{zoom}-{seed}.npy"), probs)
-                out.write_text(json.dumps({"config": CONFIG, "test_labels": test_y.tolist(), "runs": rows}, indent=1))
+                write_atomically(out, json.dumps({"config": CONFIG, "test_labels": test_y.tolist(), "runs": rows}, indent=1))
                 print(json.dumps(row), flush=True)
     finally:
         augment.MAX_SHIFT, augment.MAX_ZOOM = saved

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from datasets.errors import UserError
+from datasets.files import clean_stale_temps, temp_path
 from trainables.augment import dihedral_view
 from trainables.config import ResolvedConfig, fast_path, pick_device, resolve_config
 from trainables.engine import to_input
@@ -140,9 +141,8 @@ def compute(cache, cfg: dict, folder: Path, progress: bool = True, batch_size: i
     model = path.prepare_model(frozen_backbone(cfg).to(device).eval())
     n = len(cache.images)
     bs = int(batch_size or path.inference_batch())
-    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # a killed computation's (we hold the lock)
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    clean_stale_temps(folder.parent, folder.name)  # a killed computation's (we hold the lock)
+    tmp = temp_path(folder)
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
     feats = None

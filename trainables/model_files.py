@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from datasets.errors import UserError
+from datasets.files import atomic_path
 from trainables.config import pick_device, resolve_config
 from trainables.engine import predict_views
 from trainables.models import build_model
@@ -32,11 +33,9 @@ def predict_proba(model: nn.Module, images_u8: np.ndarray, config: dict, tta: bo
 def save_model(path: str | os.PathLike, model: nn.Module, config: dict) -> Path:
     """State dict + full config, written atomically; reload with load_model (weights_only)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": "pcam-tune-model/1", "config": dict(resolve_config(config)),
-                "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": "pcam-tune-model/1", "config": dict(resolve_config(config)),
+                    "state_dict": model.state_dict()}, tmp)
     return path
 
 

@@ -22,13 +22,13 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from datasets.errors import UserError, run_cli
+from datasets.files import atomic_path
 from trainables import hub
 from trainables.backbones import MODELS, Backbone, get_backbone
 
@@ -215,12 +215,9 @@ def import_weights(file: str | os.PathLike, backbone: str, config: str | os.Path
     by_name = {_filename(w): w for w in candidates}
     weights = by_name.get(src.name, candidates[0])
     dest = cached_path(weights)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
-    os.close(fd)
-    shutil.copyfile(src, tmp)
     existed = dest.exists()
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
     try:
         import torchvision
         torchvision.models.get_model(backbone, weights=weights)  # strict load from the cache

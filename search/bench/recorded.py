@@ -1,7 +1,7 @@
 """`python -m search.bench --recorded FILE --seeds 50`: does the search pay, on recorded PCam learning curves?
 
-Each strategy searches the recorded grid (search.bench_replay) with the product's own searcher, scheduler and
-outcome code, in search.bench_sim's event-driven replay of asynchronous trials (``--concurrency`` at once, each
+Each strategy searches the recorded grid (search.bench.replay) with the product's own searcher, scheduler and
+outcome code, in search.bench.sim's event-driven replay of asynchronous trials (``--concurrency`` at once, each
 epoch taking its recorded seconds). After every trial-epoch the incumbent is the trial the strategy would pick by
 its own objective; its held-out AUC (patches no trial trained or validated on), at its best epoch, is the curve.
 Printed: mean held-out AUC of the incumbent with its 95 % interval over seeds, against the budget in trial-epochs
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from search.bench_replay import CANDIDATES, OBJECTIVES, STRATEGIES, Table, build, strategy_named
-from search.bench_sim import at_budget, mean_ci, simulate
+from datasets.files import write_atomically
+from search.bench.replay import CANDIDATES, OBJECTIVES, STRATEGIES, Table, build, strategy_named
+from search.bench.sim import at_budget, mean_ci, simulate
 
 MAIN = ("random", "random_asha", "tpe_asha_stock", "defaults", "defaults_no_start")
 FRACTIONS = (1 / 6, 1 / 3, 1 / 2, 2 / 3, 1.0)
@@ -178,7 +179,7 @@ def main(argv: list[str]) -> int:
         out[axis] = {"budget": budget, "marks": marks, "heldout": stats, "checks": checks, "shifted": shifted}
     png = plot(curves, {"epochs": be, "seconds": bs}, Path(args.out),
                f"recorded PCam curves ({n_points}/{grid_size} points), {args.seeds} seeds, objective {args.objective}")
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"table": args.recorded, "seeds": args.seeds,
+    write_atomically(Path(args.out).with_suffix(".json"), json.dumps({"table": args.recorded, "seeds": args.seeds,
                                                                "objective": args.objective, **out}, indent=1))
     print(f"\nwrote {png} and {Path(args.out).with_suffix('.json')}  (total {time.perf_counter() - t0:.0f} s)")
     return 0

@@ -3,7 +3,7 @@
 MLflow's own PyTorch flavour pickles the network (``serialization_format="pickle"``, which MLflow warns
 about on every save) or exports a torch.export graph ("pt2") that cannot run predict_proba's 8-view TTA
 or average an ensemble. So the registered model is a pyfunc *from code*: the code is
-search/mlflow_model.py (copied into the model, executed on load, never unpickled) and its one
+search/refit/mlflow_model.py (copied into the model, executed on load, never unpickled) and its one
 artifact is the refit's model.pt (tensors and containers, read with ``torch.load(weights_only=True)``).
 
 Contract: input uint8 images (N, 96, 96, 3) as Kaggle's tifs hold them; output float P(tumour) per
@@ -25,7 +25,7 @@ class PcamModel(mlflow.pyfunc.PythonModel):
     """The refit's model (one network or an ensemble) behind MLflow's pyfunc interface."""
 
     def load_context(self, context) -> None:
-        from search.ensemble import load_ensemble
+        from search.refit.ensemble import load_ensemble
 
         self.ensemble = load_ensemble(context.artifacts["model"])
 

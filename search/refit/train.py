@@ -1,4 +1,4 @@
-"""Refit, step 3: train. The members (the best trial, K folds of it, or the K best configs: search.ensemble),
+"""Refit, step 3: train. The members (the best trial, K folds of it, or the K best configs: search.refit.ensemble),
 each along its trial's schedule to its best epoch, their test (and held-out) predictions; or, with
 --from-checkpoint, the best trial's own weights."""
 from __future__ import annotations
@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from datasets.errors import UserError
-from search.ensemble import Ensemble, Member, average, fit_members, fold_members, member_config, out_of_fold, top_k_members
-from search.refit_tracking import epoch_reporter, log_member_metrics, member_run
-
-PREDICT_CHUNK = 4096  # rows decoded from the memmap at a time (57k full test set would be 1.6 GB)
+from search.holdout import predict_cache_rows  # the search's scoring of cache rows, shared
+from search.refit.ensemble import Ensemble, Member, average, fit_members, fold_members, member_config, out_of_fold, top_k_members
+from search.refit.tracking import epoch_reporter, log_member_metrics, member_run
 
 
 @dataclass
@@ -20,7 +19,7 @@ class Fitted:
     ensemble: Ensemble
     probs: np.ndarray | None  # test probabilities (None: no test split)
     info: dict  # epochs, seed, members: for refit.json
-    oof: dict | None = None  # search.ensemble.out_of_fold's result (--folds)
+    oof: dict | None = None  # search.refit.ensemble.out_of_fold's result (--folds)
 
 
 def plan_members(best: dict, cache, rows: np.ndarray, args) -> list[Member]:
@@ -126,17 +125,3 @@ def checkpoint_model(best: dict, cache, test_rows, args) -> Fitted:
     print(f"using the best trial's checkpoint {folder} (epoch {epoch}), no refit")
     probs = None if test_rows is None else predict_cache_rows(net, cache, test_rows, cfg, not args.no_tta, args.batch_size)
     return Fitted(Ensemble([(net, cfg)], ["checkpoint"]), probs, {"epochs": epoch, "seed": cfg["seed"], "members": []})
-
-
-def predict_cache_rows(model, cache, rows, config, tta: bool, batch_size: int | None) -> np.ndarray:
-    """TTA probabilities of cache rows (test or held-out), read from the memmap a chunk at a time."""
-    from datasets.progress import bar as progress_bar
-    from trainables.train import predict_proba
-
-    out = np.empty(len(rows), dtype=np.float32)
-    with progress_bar(total=len(rows), desc="predict", unit="img", leave=False) as bar:
-        for start in range(0, len(rows), PREDICT_CHUNK):
-            chunk = rows[start:start + PREDICT_CHUNK]
-            out[start:start + len(chunk)] = predict_proba(model, cache.images[chunk], config, tta=tta, batch_size=batch_size)
-            bar.update(len(chunk))
-    return out

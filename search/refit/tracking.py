@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.cache import pid_alive
+from datasets.files import pid_alive
 from datasets.defaults import default_tracking_uri, results_root
-from search.ensemble import Member
+from search.refit.ensemble import Member
 from search.tracking import ROLE_TAG  # "refit" / "refit-member" mark ours, beside the search's parent/trial
 
 PID_TAG = "pcam_tune.pid"  # lets a later refit tell a killed run from a live one
@@ -140,7 +140,7 @@ def close_killed_refits(mlf, exp_id: str) -> None:
 def log_outputs(best, cache, example_rows, out_dir: Path, summary) -> None:
     """The published submission, out-of-fold scores and model (registered as pcam-<name>) into the refit's run."""
     import mlflow
-    from search.registry import log_registered_model
+    from search.refit.registry import log_registered_model
 
     for name in ("submission.csv", "oof.csv"):
         if (out_dir / name).exists():

@@ -1,4 +1,4 @@
-"""Searches replayed against the recorded learning-curve table (search.bench_record): the discretised space, the
+"""Searches replayed against the recorded learning-curve table (search.bench.record): the discretised space, the
 replay trainable, and the strategies, each built from the product's own searcher and scheduler classes.
 
 - ``define_grid``: the recorded grid as an Optuna define-by-run space (categorical choices over the grid values;
@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.bench_record import KEYS, config_key, load_table
+from search.bench.record import KEYS, config_key, load_table
 
 TRIAL_SEED = 0  # every replayed trial trains with seed 0, as search.run's trials all share --seed
 

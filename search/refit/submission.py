@@ -7,41 +7,15 @@ and the tests, share one definition of "valid".
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
-from datasets.cache import fsync_path, pid_alive
 from datasets.errors import DataError, UserError
+from datasets.files import atomic_path
 from datasets.test_labels import read_id_csv
-
-TMP_MARK = ".tmp-"  # temporary files are "<dir>/.<final name>.tmp-<pid>"; see atomic_path()
-
-
-def atomic_path(final: Path) -> Path:
-    """A temporary sibling of ``final`` (same folder, so os.replace is an atomic rename)."""
-    return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
-
-
-def clean_stale_tmp(final: Path) -> list[Path]:
-    """Remove temporaries of ``final`` left by a killed writer; returns what was removed.
-
-    A writer that is SIGKILLed between writing its temporary and renaming it leaves the
-    temporary behind; the real file is untouched. The pid suffix keeps a live writer's
-    temporary apart, so only files of dead processes are removed.
-    """
-    removed = []
-    for tmp in final.parent.glob(f".{final.name}{TMP_MARK}*"):
-        pid = tmp.name.rsplit(TMP_MARK, 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
-            continue
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
-
 
 def check_submission(df: pd.DataFrame, expected_ids: Iterable[str], where: str = "submission") -> None:
     """Raise UserError unless ``df`` is a valid submission for ``expected_ids`` (same ids, same order)."""
@@ -76,19 +50,13 @@ def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray, expected_id
     truncated file; a submission that fails validation never reaches ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     expected = ids if expected_ids is None else expected_ids
     df = pd.DataFrame({"id": np.asarray(ids, dtype=str), "label": exact_floats(probs)})
     check_submission(df, expected, where=f"submission for {path}")
-    tmp = atomic_path(path)
-    try:
+    with atomic_path(path) as tmp:
         # No float_format: pandas writes each float's shortest exact repr, so the file ranks the test
         # patches exactly as the model did (%.6g turned distinct probabilities near 0 and 1 into ties).
         df.to_csv(tmp, index=False)
-        fsync_path(tmp)
         check_submission(read_id_csv(tmp, "submission"), expected, where=f"submission {tmp}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.cache import fsync_path, pid_alive
-from search import submission as sub
-from search.submission import TMP_MARK
+from datasets.files import atomic_path, clean_stale_temps, fsync_path, pid_alive
+from search.refit import submission as sub
 
 CURRENT = "refit"
 PREFIX = "refit-"
@@ -31,7 +30,7 @@ PREFIX = "refit-"
 ENTRIES = ("model.pt", "submission.csv", "refit.json", "oof.csv", "test_roc_curve.png")
 
 if TYPE_CHECKING:
-    from search.refit_train import Fitted
+    from search.refit.train import Fitted
 
 
 def new_version(out_dir: Path) -> Path:
@@ -81,10 +80,8 @@ def clean_stale(out_dir: Path) -> list[Path]:
 
 
 def _swap_link(link: Path, target: str) -> None:
-    tmp = link.with_name(f".{link.name}{TMP_MARK}{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+    with atomic_path(link) as tmp:
+        os.symlink(target, tmp)
 
 
 def _link_entries(out_dir: Path, version: Path) -> None:
@@ -110,9 +107,7 @@ def clean_killed_outputs(out_dir: Path) -> None:
     """What an interrupted refit left: its unpublished version folder, temporaries of the older flat layout."""
     if not out_dir.is_dir():
         return
-    removed = clean_stale(out_dir)
-    for entry in ENTRIES:
-        removed += sub.clean_stale_tmp(out_dir / entry)
+    removed = clean_stale(out_dir) + clean_stale_temps(out_dir)  # version folders; a killed writer's temporaries
     for path in removed:
         print(f"removed {path.name}, left by an interrupted refit")
 

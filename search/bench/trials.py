@@ -1,4 +1,4 @@
-"""`python -m search.bench`: does the search pay? Held-out AUC of what each strategy would pick, vs budget.
+"""`python -m search.bench` (real trials): does the search pay? Held-out AUC of what each strategy would pick, vs budget.
 
 "Best val AUC seen so far" rewards a strategy for drawing many noisy validation scores. This bench measures what
 a user gets instead: a held-out set is carved once from the labelled patches (stratified, by slide when slides
@@ -15,8 +15,8 @@ Strategies (same space, data, trial seed, budget of trial-epochs, concurrency):
 - tpe_asha:        Optuna TPE + ASHA, our outcome feedback (search.searcher; what search.run uses)
 
 Recorded learning curves instead of real trials (many seeds in minutes): ``python -m search.bench record`` builds
-the table (search.bench_record), ``python -m search.bench --recorded FILE`` replays searches on it
-(search.bench_recorded).
+the table (search.bench.record), ``python -m search.bench --recorded FILE`` replays searches on it
+(search.bench.recorded).
 
 Default: the real sample (../shared/pcam_sample beside the repo) when present, else the embedded synthetic data;
 5 searcher seeds; a table (mean +- sd over seeds) and a PNG of held-out AUC vs budget.
@@ -42,7 +42,7 @@ from datasets.errors import run_cli
 from search.report import write_json
 
 STRATEGIES = ("random", "random_asha", "tpe_asha_stock", "tpe_asha")
-REAL_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "pcam_sample"
+REAL_SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "pcam_sample"
 
 
 class Recorder(Stopper):
@@ -256,13 +256,8 @@ def carve_holdout(cache, fraction: float, seed: int = 12345) -> tuple[np.ndarray
 
 @run_cli
 def main(argv=None) -> int:
+    """The real-trial bench (`python -m search.bench` without `record` / `--recorded`: search.bench.cli)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["record"]:  # the recorded learning-curve table (search.bench_record)
-        from search import bench_record
-        return bench_record.main(argv[1:])
-    if any(a == "--recorded" or a.startswith("--recorded=") for a in argv):  # replayed searches (search.bench_recorded)
-        from search import bench_recorded
-        return bench_recorded.main(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no per-search result boxes
     args = get_args_parser().parse_args(argv)
@@ -315,6 +310,3 @@ def main(argv=None) -> int:
     print(f"wrote {out}  (total {time.perf_counter() - t0:.0f} s)")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from search.bench_replay import Table, replay_results
+from search.bench.replay import Table, replay_results
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from datasets.errors import UserError
+from datasets.files import atomic_path
 from search.auc_stats import auc_interval
 
 ENSEMBLE_FORMAT = "pcam-tune-ensemble/1"
@@ -238,9 +239,8 @@ class Ensemble:
         blob = {"format": ENSEMBLE_FORMAT,
                 "members": [{"name": name, "config": dict(resolve_config(cfg)), "state_dict": net.state_dict()}
                             for name, (net, cfg) in zip(self.names, self.members)]}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(blob, tmp)
         return path
 
 

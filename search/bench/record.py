@@ -5,7 +5,7 @@ weights) is trained with the product's own training loop (trainables.train.fit) 
 stopping, and every epoch is recorded: val AUC on the validation split a search would use (and under the stain
 shift below), held-out AUC on patches no trial ever trains or validates on (the sample's labelled test patches), the same held-out AUC under a fixed
 strong stain/colour shift of those patches (a stand-in for another hospital's scanner), losses and seconds.
-`search.bench_replay` then replays searches against the table in minutes.
+`search.bench.replay` then replays searches against the table in minutes.
 
 The recording is resumable and appends: the file is rewritten (atomically) after every configuration, and a
 rerun skips what is recorded. Several recorders may share one file (``--shard K/N``, e.g. one per core): each
@@ -30,7 +30,7 @@ import numpy as np
 
 FORMAT = "pcam-tune-lcbench/1"
 DEFAULT_OUT = "bench/recorded/pcam_lcbench.json"
-REAL_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "pcam_sample"
+REAL_SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "pcam_sample"
 LRS = [1e-4, 5.6e-4, 3.2e-3, 1.8e-2, 1e-1]  # geomspace(1e-4, 1e-1, 5): too slow .. diverging
 GRID = {
     "baseline_bn": {"lr": LRS, "weight_decay": [1e-5, 1e-2], "aug_strength": [0.0, 0.5, 1.0],
@@ -193,16 +193,13 @@ def load_table(path: Path) -> dict:
 
 
 def write_table(path: Path, table: dict) -> None:
-    """Atomically (search.submission.atomic_path): the header indented, one line per record (small, diffable)."""
-    from search.submission import atomic_path
+    """Atomically (datasets.files): the header indented, one line per record (small, diffable)."""
+    from datasets.files import write_atomically
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     head = {k: v for k, v in table.items() if k != "records"}
     text = json.dumps(head, indent=1)[:-2] + ',\n "records": [\n' + ",\n".join(
         json.dumps(r, separators=(",", ":")) for r in table["records"]) + "\n ]\n}\n"
-    tmp = atomic_path(path)
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomically(path, text)
 
 
 @contextlib.contextmanager
