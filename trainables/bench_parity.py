@@ -14,15 +14,18 @@ def m_parity(cache_path: str, threads: int, backbone: str, precision: str, epoch
     return parity_run(open_cache(cache_path), backbone, precision, epochs)
 
 
-def parity_run(cache, backbone: str, precision: str, epochs: int) -> dict:
+def parity_run(cache, backbone: str, precision: str, epochs: int, seed: int | None = None) -> dict:
     """Train PARITY_CONFIGS[backbone] in ``precision``: last-epoch val AUC, and the test AUC (scored in
-    fp32 with 8-view TTA, so only the training precision differs) when the data has test labels."""
+    fp32 with 8-view TTA, so only the training precision differs) when the data has test labels.
+    ``seed``: the config's seed (its split, initialisation and batch order) instead of PARITY_CONFIGS'."""
     from sklearn.metrics import roc_auc_score
 
     from datasets.splits import train_val_split
     from datasets.test_labels import find_test_labels
     from trainables.train import fit, predict_proba, resolve_config
-    cfg = resolve_config({**PARITY_CONFIGS[backbone], "backbone": backbone, "precision": precision, "epochs": epochs})
+    seeded = {} if seed is None else {"seed": seed}
+    cfg = resolve_config({**PARITY_CONFIGS[backbone], "backbone": backbone, "precision": precision, "epochs": epochs,
+                          **seeded})
     train_idx, val_idx = train_val_split(cache, val_fraction=float(cfg["val_fraction"]), seed=int(cfg["seed"]))
     t0 = time.perf_counter()
     model, history = fit(cfg, cache, train_idx, val_idx)
