@@ -76,14 +76,10 @@ def frozen_backbone(cfg: dict):
 
 def weights_id(cfg: dict) -> str:
     """What identifies the backbone's weights: the file's sha256 (hub) or hash-suffixed name + file identity
-    (torchvision)."""
+    (torchvision); random weights: what draws them (random_weights_id)."""
     cfg = resolve_config(cfg)
-    if not cfg["pretrained"]:  # random weights: what they are, not how they were drawn (timm/torch versions vary)
-        import hashlib
-        h = hashlib.sha256()
-        for k, v in frozen_backbone(cfg).state_dict().items():
-            h.update(k.encode() + v.detach().float().numpy().tobytes())
-        return f"random-{h.hexdigest()[:12]}"
+    if not cfg["pretrained"]:
+        return random_weights_id(cfg)
     from trainables import hub, weights
     w = weights.resolve_weights(cfg["backbone"], cfg.backbone_spec)
     if hub.is_hub_name(cfg["backbone"]):
@@ -94,6 +90,29 @@ def weights_id(cfg: dict) -> str:
     st = file.stat()
     import hashlib
     return f"{file.stem}-{hashlib.sha256(f'{st.st_ino}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:8]}"
+
+
+def random_weights_id(cfg: dict) -> str:
+    """The random weights' id without building the network: what determines them. frozen_backbone draws them on
+    the CPU from RANDOM_INIT_SEED, so they are a function of the backbone (an hf-hub one's config.json: its
+    architecture), that seed and the libraries drawing them (torch, torchvision, timm: an upgrade may draw other
+    weights, so it gets a new id and new features, never another's). Hashing the drawn state instead cost a build
+    and a pass over every weight on each call (each trial's features_dir)."""
+    import hashlib
+
+    import timm
+    import torchvision
+
+    from trainables import hub
+    cfg = resolve_config(cfg)
+    parts = [cfg["backbone"], f"seed {RANDOM_INIT_SEED}", f"torch {torch.__version__}",
+             f"torchvision {torchvision.__version__}", f"timm {timm.__version__}"]
+    if hub.is_hub_name(cfg["backbone"]):
+        m = hub.hub_model(cfg["backbone"])
+        config = hub.local_config(m) if m.timm_name is None else None
+        if config is not None:
+            parts.append(hashlib.sha256(config.read_bytes()).hexdigest())
+    return f"random-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:12]}"
 
 
 def features_dir(cache, cfg: dict) -> Path:
