@@ -143,6 +143,13 @@ def test_a_timm_model_resizes_with_the_interpolation_of_its_pretrained_config():
     assert interpolation(plain) == "bilinear"  # no pretrained config
     plain.pretrained_cfg = {"interpolation": "random"}  # one F.interpolate lacks
     assert interpolation(plain) == "bilinear"
+    # Its cached features are resized so too: their folder says so (a network that takes 96 px as is: unchanged).
+    from types import SimpleNamespace
+    cache = SimpleNamespace(path="/c/data-abc", images=np.zeros((1, 96, 96, 3), np.uint8))
+    folder = {b: embeddings.features_dir(cache, {"backbone": b, "pretrained": False, "precision": "fp32"}).name
+              for b in ("timm/test_vit", "timm/test_efficientnet", "mobilenet_v2")}
+    assert folder["timm/test_vit"].endswith("-96px-bicubic-fp32_NCHW")
+    assert folder["timm/test_efficientnet"].endswith("-96px-fp32_NCHW") and folder["mobilenet_v2"].endswith("-96px-fp32_NCHW")
 
 
 def test_the_input_size_keys_the_embedding_cache(offline_mobilenet, small_cache):

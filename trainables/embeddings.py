@@ -121,7 +121,17 @@ def features_dir(cache, cfg: dict) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg["backbone"])
     size = int(cfg["input_size"] or cache.images.shape[1])  # to_input resizes the patches to it: other features
     return (Path(cache.path).parent / "embeddings" / Path(cache.path).name
-            / f"{slug}-{weights_id(cfg)}-{size}px-{precision}")
+            / f"{slug}-{weights_id(cfg)}-{size}px{_resize_tag(cfg)}-{precision}")
+
+
+def _resize_tag(cfg: ResolvedConfig) -> str:
+    """A timm network that resizes the patches itself, with its pretrained config's interpolation, names it when it
+    is not bilinear (what every such network used before): other features, another folder."""
+    from trainables import hub, timm_backbones
+    if not hub.is_hub_name(cfg["backbone"]):
+        return ""
+    mode = timm_backbones.resize(cfg["backbone"])
+    return f"-{mode}" if mode not in (None, "bilinear") else ""
 
 
 def open_embeddings(folder: Path) -> Embeddings | None:

@@ -61,8 +61,19 @@ class TimmNet(nn.Module):
 def interpolation(model: nn.Module) -> str:
     """The resize a timm model's weights were trained with (its pretrained config, also on a model built without
     weights); bilinear when the config names none or one F.interpolate lacks (timm's "random", "lanczos")."""
-    mode = (getattr(model, "pretrained_cfg", None) or {}).get("interpolation")
+    return _mode(getattr(model, "pretrained_cfg", None) or {})
+
+
+def _mode(pretrained_cfg: dict) -> str:
+    mode = pretrained_cfg.get("interpolation")
     return mode if mode in ("nearest", "bilinear", "bicubic") else "bilinear"
+
+
+def resize(name: str) -> str | None:
+    """How the network of a timm/hf-hub backbone resizes the patches (its interpolation; None: it takes them as
+    they are), without building it: the embedding cache keys features on it."""
+    cfg = _pretrained_cfg(hub_model(name))
+    return _mode(cfg) if cfg.get("fixed_input_size") and cfg.get("input_size") else None
 
 
 def _pretrained_cfg(m: HubModel) -> dict:
