@@ -228,15 +228,16 @@ def check_weights(space, backbones, opts) -> None:
         return
     from trainables.hub import is_hub_name
 
-    hub_failed = [m for m in missing if is_hub_name(m[0])]
-    if hub_failed:  # its own line names the repository and the way out (HF_TOKEN, or importing a file)
-        raise UserError(str(hub_failed[0][3]))
-    files = "; ".join(f"{b}: {f} (expected at {p})" for b, f, p, _ in missing)
+    # Every backbone that failed, each with its own reason (a hub line already names its repository and way out:
+    # HF_TOKEN, or importing a file), so one run shows all there is to fix.
+    failed = " | ".join(f"{b}: {e}" if is_hub_name(b) else f"{b}: {f} (expected at {p}; {download_error(e)})"
+                        for b, f, p, e in missing)
+    torchvision = any(not is_hub_name(m[0]) for m in missing)
     have = [b for b in backbones if b not in {m[0] for m in missing}]
     raise UserError(
-        f"pretrained weights missing for {len(missing)} backbone(s) and the download failed "
-        f"({download_error(missing[0][3])}): {files}. Ways out: "
-        f"(1) import a downloaded file: python -m trainables.weights import FILE --backbone NAME "
-        f"(or set ${MIRROR_ENV} to a mirror of torchvision's weight files); "
-        f"(2) restrict the search: --backbones {','.join(have) or 'baseline_bn'}; "
+        f"pretrained weights missing for {len(missing)} backbone(s) and the download failed: {failed}. Ways out: "
+        + (f"(1) import a downloaded file: python -m trainables.weights import FILE --backbone NAME "
+           f"(or set ${MIRROR_ENV} to a mirror of torchvision's weight files); " if torchvision else
+           "(1) as each one says; ")
+        + f"(2) restrict the search: --backbones {','.join(have) or 'baseline_bn'}; "
         f"(3) train from scratch: --no-pretrained")

@@ -209,3 +209,21 @@ def test_a_repository_timm_cannot_load_is_refused_in_one_line(isolated_hub):
     with pytest.raises(UserError) as e:
         weights.import_weights(good, "hf-hub:owkin/phikon-v2")
     assert "--config config.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_search_preflight_reports_every_failed_hub_backbone_with_its_fix(fake_hub):
+    """Two gated repositories (401 and 403 from the local hub): the one line before Ray starts names both, each
+    with its repository page and HF_TOKEN, and the backbones that can run."""
+    from search.plan import check_weights
+    from search.spaces import SpaceOptions, get_space, resolve_backbones
+
+    gated = ("hf-hub:MahmoodLab/UNI2-h", "hf-hub:paige-ai/Virchow2")
+    space, opts = get_space("backbones"), SpaceOptions(backbones=("baseline_bn", *gated))
+    with pytest.raises(UserError) as e:
+        check_weights(space, resolve_backbones(space, opts), opts)
+    msg = str(e.value)
+    assert "\n" not in msg and "2 backbone(s)" in msg
+    for name, repo, code in ((gated[0], "MahmoodLab/UNI2-h", 401), (gated[1], "paige-ai/Virchow2", 403)):
+        assert f"{name}: hub repository {repo} refused access ({code}; no HF_TOKEN is set): request access at " \
+               f"https://huggingface.co/{repo}" in msg
+    assert msg.count("export HF_TOKEN=") == 2 and "--backbones baseline_bn;" in msg and "--no-pretrained" in msg

@@ -122,6 +122,36 @@ def test_timm_backbone_stages_count_blocks_from_the_top():
     assert not cnn.net.features.bn1.training and not any(p.requires_grad for m in frozen_bn for p in m.parameters())
 
 
+def test_a_timm_model_resizes_with_the_interpolation_of_its_pretrained_config():
+    """test_vit (built without weights) has a fixed 160 px input and pretrained_cfg interpolation "bicubic": the
+    96 px patches are resized bicubically, as its weights were trained; a model whose config names none: bilinear."""
+    import torch.nn.functional as F
+
+    from trainables.models import build_model
+    from trainables.timm_backbones import interpolation
+
+    vit = build_model("timm/test_vit", pretrained=False, dropout=0.0).eval()
+    net = vit.net
+    assert net.features.pretrained_cfg["interpolation"] == "bicubic" and net.interpolation == "bicubic"
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        got = net(x)
+        resized = {mode: net.head(net.features(F.interpolate(x, size=(160, 160), mode=mode, align_corners=False)))
+                   for mode in ("bicubic", "bilinear")}
+    assert torch.equal(got, resized["bicubic"]) and not torch.allclose(got, resized["bilinear"])
+    plain = torch.nn.Linear(2, 2)
+    assert interpolation(plain) == "bilinear"  # no pretrained config
+    plain.pretrained_cfg = {"interpolation": "random"}  # one F.interpolate lacks
+    assert interpolation(plain) == "bilinear"
+    # Its cached features are resized so too: their folder says so (a network that takes 96 px as is: unchanged).
+    from types import SimpleNamespace
+    cache = SimpleNamespace(path="/c/data-abc", images=np.zeros((1, 96, 96, 3), np.uint8))
+    folder = {b: embeddings.features_dir(cache, {"backbone": b, "pretrained": False, "precision": "fp32"}).name
+              for b in ("timm/test_vit", "timm/test_efficientnet", "mobilenet_v2")}
+    assert folder["timm/test_vit"].endswith("-96px-bicubic-fp32_NCHW")
+    assert folder["timm/test_efficientnet"].endswith("-96px-fp32_NCHW") and folder["mobilenet_v2"].endswith("-96px-fp32_NCHW")
+
+
 def test_the_input_size_keys_the_embedding_cache(offline_mobilenet, small_cache):
     """Patches are resized to input_size before the network: features cached at 96 px must not serve 64 px."""
     cache, _, _ = small_cache
@@ -213,3 +243,29 @@ def test_training_features_are_read_a_batch_at_a_time_with_the_moments_of_all_of
     mean, std = x.moments(chunk=2)
     assert np.allclose(mean.numpy(), full.mean(0), atol=1e-5)
     assert np.allclose(std.numpy(), full.std(0, ddof=1), atol=1e-5)
+
+
+def test_random_weights_id_is_cheap_stable_and_follows_what_draws_the_weights(monkeypatch):
+    """--no-pretrained: the id names what draws the weights (backbone, RANDOM_INIT_SEED, the libraries), so it is
+    computed without building the network, stays put where the weights do, and moves where they move."""
+    import timm
+
+    def no_build(*a, **k):
+        raise AssertionError("weights_id built the network")
+
+    cfg = {"backbone": "resnet18", "pretrained": False}
+    first = embeddings.frozen_backbone(cfg).state_dict()
+    with monkeypatch.context() as m:
+        m.setattr(embeddings, "build_model", no_build)
+        key = embeddings.weights_id(cfg)
+        assert key.startswith("random-")
+        assert embeddings.weights_id({**cfg, "seed": 7, "lr": 0.1}) == key  # the trial's seed does not draw them
+        assert embeddings.weights_id({**cfg, "backbone": "mobilenet_v2"}) != key
+        m.setattr(timm, "__version__", "0.0.0")
+        assert embeddings.weights_id(cfg) != key  # another library may draw other weights: another id
+    again = embeddings.frozen_backbone({**cfg, "seed": 7}).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)  # the same id: the same weights
+    monkeypatch.setattr(embeddings, "RANDOM_INIT_SEED", 1)
+    assert embeddings.weights_id(cfg) != key
+    other = embeddings.frozen_backbone(cfg).state_dict()
+    assert not torch.equal(first["net.conv1.weight"], other["net.conv1.weight"])  # another seed: other weights

@@ -268,6 +268,26 @@ def test_tune_resumes_a_killed_trial_at_the_next_epoch(tune_run, toy_cache):
     assert good.metrics["val_auc"] == pytest.approx(history[-1]["val_auc"], abs=1e-4)
 
 
+def test_a_trial_records_its_rows_once_in_its_folder_and_keeps_them_when_resumed(tune_run, toy_cache):
+    """split_rows.npz: one file per trial beside params.json, none in the epochs' checkpoints, still one after
+    the healthy trial was killed and restored from its checkpoint (it reads the file its first run wrote)."""
+    from datasets.splits import train_val_split
+    from trainables.trainable import SPLIT_FILE
+
+    grid, killer = tune_run
+    good = next(r for r in grid if r.config["lr"] == 3e-3)
+    trial_dir = Path(good.path)
+    assert killer.recovered == good.metrics["trial_id"]
+    assert [p.relative_to(trial_dir) for p in trial_dir.rglob(SPLIT_FILE)] == [Path(SPLIT_FILE)]
+    assert len(list(trial_dir.glob("checkpoint_*"))) == 2  # both epochs' checkpoints, without the rows
+    train_idx, val_idx = train_val_split(toy_cache, val_fraction=TINY["val_fraction"], seed=0)
+    with np.load(trial_dir / SPLIT_FILE) as rows:
+        assert rows["train_rows"].dtype == np.int32
+        assert np.array_equal(rows["train_rows"], train_idx) and np.array_equal(rows["val_rows"], val_idx)
+    bad = next(r for r in grid if r.config["lr"] == 1e10)
+    assert (Path(bad.path) / SPLIT_FILE).is_file()  # a trial without a checkpoint records its rows too
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 def test_cli_prints_one_line_per_epoch(toy_dir, tmp_path, capsys, monkeypatch):

@@ -76,14 +76,10 @@ def frozen_backbone(cfg: dict):
 
 def weights_id(cfg: dict) -> str:
     """What identifies the backbone's weights: the file's sha256 (hub) or hash-suffixed name + file identity
-    (torchvision)."""
+    (torchvision); random weights: what draws them (random_weights_id)."""
     cfg = resolve_config(cfg)
-    if not cfg["pretrained"]:  # random weights: what they are, not how they were drawn (timm/torch versions vary)
-        import hashlib
-        h = hashlib.sha256()
-        for k, v in frozen_backbone(cfg).state_dict().items():
-            h.update(k.encode() + v.detach().float().numpy().tobytes())
-        return f"random-{h.hexdigest()[:12]}"
+    if not cfg["pretrained"]:
+        return random_weights_id(cfg)
     from trainables import hub, weights
     w = weights.resolve_weights(cfg["backbone"], cfg.backbone_spec)
     if hub.is_hub_name(cfg["backbone"]):
@@ -96,13 +92,46 @@ def weights_id(cfg: dict) -> str:
     return f"{file.stem}-{hashlib.sha256(f'{st.st_ino}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:8]}"
 
 
+def random_weights_id(cfg: dict) -> str:
+    """The random weights' id without building the network: what determines them. frozen_backbone draws them on
+    the CPU from RANDOM_INIT_SEED, so they are a function of the backbone (an hf-hub one's config.json: its
+    architecture), that seed and the libraries drawing them (torch, torchvision, timm: an upgrade may draw other
+    weights, so it gets a new id and new features, never another's). Hashing the drawn state instead cost a build
+    and a pass over every weight on each call (each trial's features_dir)."""
+    import hashlib
+
+    import timm
+    import torchvision
+
+    from trainables import hub
+    cfg = resolve_config(cfg)
+    parts = [cfg["backbone"], f"seed {RANDOM_INIT_SEED}", f"torch {torch.__version__}",
+             f"torchvision {torchvision.__version__}", f"timm {timm.__version__}"]
+    if hub.is_hub_name(cfg["backbone"]):
+        m = hub.hub_model(cfg["backbone"])
+        config = hub.local_config(m) if m.timm_name is None else None
+        if config is not None:
+            parts.append(hashlib.sha256(config.read_bytes()).hexdigest())
+    return f"random-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:12]}"
+
+
 def features_dir(cache, cfg: dict) -> Path:
     cfg = resolve_config(cfg)
     precision = fast_path(cfg, pick_device(), training=False).name.replace(" ", "_")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg["backbone"])
     size = int(cfg["input_size"] or cache.images.shape[1])  # to_input resizes the patches to it: other features
     return (Path(cache.path).parent / "embeddings" / Path(cache.path).name
-            / f"{slug}-{weights_id(cfg)}-{size}px-{precision}")
+            / f"{slug}-{weights_id(cfg)}-{size}px{_resize_tag(cfg)}-{precision}")
+
+
+def _resize_tag(cfg: ResolvedConfig) -> str:
+    """A timm network that resizes the patches itself, with its pretrained config's interpolation, names it when it
+    is not bilinear (what every such network used before): other features, another folder."""
+    from trainables import hub, timm_backbones
+    if not hub.is_hub_name(cfg["backbone"]):
+        return ""
+    mode = timm_backbones.resize(cfg["backbone"])
+    return f"-{mode}" if mode not in (None, "bilinear") else ""
 
 
 def open_embeddings(folder: Path) -> Embeddings | None:

@@ -4,7 +4,9 @@ models). timm builds the network (``timm.create_model(..., num_classes=0)``: the
 config gives the input size and normalisation; this module adds the single-logit head and the stages.
 
 - Input size: a model with a fixed input size (ViTs: ``fixed_input_size`` in its pretrained config) gets the 96 px
-  patches resized (bilinear) to its size inside the network, so a saved model resizes too; CNNs take 96 px as is.
+  patches resized to its size inside the network, so a saved model resizes too; CNNs take 96 px as is. The resize
+  uses the model's own interpolation (``pretrained_cfg["interpolation"]``: bicubic for most of timm's weights, what
+  they were trained with), bilinear when its config names none (or one torch's interpolate lacks).
 - Stages (what ``unfreeze_depth`` counts, from the top): timm's own coarse parameter groups
   (``model.group_matcher(coarse=True)``): the stem, then each stage of a CNN or each block of a ViT, the final
   norm with the last one.
@@ -45,12 +47,33 @@ class TimmNet(nn.Module):
         super().__init__()
         self.features = features
         self.input_size = input_size  # None: the model takes any size (96 px as is)
+        self.interpolation = interpolation(features)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features.num_features, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_size and x.shape[-1] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+            corners = None if self.interpolation == "nearest" else False
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode=self.interpolation,
+                              align_corners=corners)
         return self.head(self.features(x))
+
+
+def interpolation(model: nn.Module) -> str:
+    """The resize a timm model's weights were trained with (its pretrained config, also on a model built without
+    weights); bilinear when the config names none or one F.interpolate lacks (timm's "random", "lanczos")."""
+    return _mode(getattr(model, "pretrained_cfg", None) or {})
+
+
+def _mode(pretrained_cfg: dict) -> str:
+    mode = pretrained_cfg.get("interpolation")
+    return mode if mode in ("nearest", "bilinear", "bicubic") else "bilinear"
+
+
+def resize(name: str) -> str | None:
+    """How the network of a timm/hf-hub backbone resizes the patches (its interpolation; None: it takes them as
+    they are), without building it: the embedding cache keys features on it."""
+    cfg = _pretrained_cfg(hub_model(name))
+    return _mode(cfg) if cfg.get("fixed_input_size") and cfg.get("input_size") else None
 
 
 def _pretrained_cfg(m: HubModel) -> dict:

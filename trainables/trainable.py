@@ -1,13 +1,14 @@
 """The Ray Tune adapter: ``train_pcam(config)`` is the function trainable every search trial runs (and the CLI's
 engine). Inside a Tune session it reports the epoch metrics with a checkpoint every epoch and resumes from
-``tune.get_checkpoint()``; outside one it prints a line per epoch. Also the checkpoint folder's files.
+``tune.get_checkpoint()``; outside one it prints a line per epoch. Also the checkpoint folder's files, and the
+trial folder's one file, ``split_rows.npz`` (the rows it trains and validates on: constant for the trial, so
+written once beside Ray's params.json, not into every epoch's checkpoint).
 
 Ray pickles the function by reference, so every worker imports this module by name (search.tuner passes
 ``trainables.train.train_pcam``, the same function re-exported).
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import tempfile
@@ -60,14 +61,12 @@ def _open_data(cfg: dict, cache_path, progress: bool):
     return prepare_dataset(cfg.get("data_dir"), cfg.get("cache_dir"), progress=progress)
 
 
-def save_checkpoint(folder: str | os.PathLike, state: dict, preds=None, split=None) -> Path:
+def save_checkpoint(folder: str | os.PathLike, state: dict, preds=None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / CHECKPOINT_FILE)
     if preds is not None:
         np.savez(folder / PREDICTIONS_FILE, labels=preds[0], probs=preds[1])
-    if split is not None:  # so anyone can check that no trial saw the search's holdout
-        np.savez(folder / SPLIT_FILE, train_rows=np.asarray(split[0], np.int32), val_rows=np.asarray(split[1], np.int32))
     return folder
 
 
@@ -75,7 +74,39 @@ def load_checkpoint(folder: str | os.PathLike) -> dict:
     return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
-def _tune_reporter(metrics: dict, state: dict | None, preds, split=None) -> None:
+def trial_split(train_idx, val_idx) -> tuple[np.ndarray, np.ndarray]:
+    """The trial's rows, recorded once in its folder on the storage (``<experiment>/<trial>/split_rows.npz``, a
+    URI storage too), so anyone can check that no trial saw the search's holdout. A resumed trial (a restored
+    worker, maybe on another node) finds the file and goes on with the rows it recorded.
+
+    Not in the checkpoints: the rows are constant for the trial, and no reader needs them beside a checkpoint
+    (the refit and the holdout scoring take the rows from the search, not from a checkpoint).
+    ``get_storage()`` is Ray's developer API (the trial folder on the RunConfig's storage, what Ray persists
+    checkpoints through); tests/test_trainables_train.py runs it in a real Tuner with a restored trial.
+    """
+    import io
+
+    import pyarrow.fs
+    from ray import tune
+
+    storage = tune.get_context().get_storage()
+    fs, path = storage.storage_filesystem, f"{storage.trial_fs_path}/{SPLIT_FILE}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+        with fs.open_input_file(path) as f, np.load(io.BytesIO(f.read())) as rows:
+            return rows["train_rows"].astype(np.int64), rows["val_rows"].astype(np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, train_rows=np.asarray(train_idx, np.int32), val_rows=np.asarray(val_idx, np.int32))
+    fs.create_dir(storage.trial_fs_path, recursive=True)  # Ray may not have synced the trial's folder there yet
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        from datasets.files import write_atomically
+        write_atomically(path, buf.getvalue())
+    else:  # an object store's upload is whole or absent
+        with fs.open_output_stream(path) as f:
+            f.write(buf.getvalue())
+    return np.asarray(train_idx), np.asarray(val_idx)
+
+
+def _tune_reporter(metrics: dict, state: dict | None, preds) -> None:
     import ray
     from ray import tune
     # Which Ray node ran this epoch: on a cluster the leaderboard and MLflow show where each trial ran (and
@@ -85,7 +116,7 @@ def _tune_reporter(metrics: dict, state: dict | None, preds, split=None) -> None
         tune.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(d, state, preds, split)
+        save_checkpoint(d, state, preds)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -128,7 +159,9 @@ def train_pcam(config: dict, cache_path: str | os.PathLike | None = None, device
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 resume = load_checkpoint(d)
-    reporter = functools.partial(_tune_reporter, split=(train_idx, val_idx)) if tune_mode else _print_epoch
+    if tune_mode:
+        train_idx, val_idx = trial_split(train_idx, val_idx)
+    reporter = _tune_reporter if tune_mode else _print_epoch
     model, history = fit(cfg, cache, train_idx, val_idx, on_epoch=reporter,
                          resume=resume, progress=not tune_mode and sys.stderr.isatty(), device=dev)
     return None if tune_mode else (model, history)
