@@ -54,7 +54,9 @@ def test_missing_pretrained_weights_are_listed_with_the_ways_out(tmp_path):
     proc = run_cli(["--space", "backbones", "--backbones", "baseline_bn,resnet18,mobilenet_v2"], tmp_path,
                    TORCH_HOME=str(tmp_path / "torch"), PCAM_TUNE_WEIGHTS_URL=mirror)
     assert_one_line_error(proc, "resnet18-", "mobilenet_v2-", "python -m trainables.weights import",
-                          "--backbones baseline_bn", "--no-pretrained", "download failed (URLError")
+                          "--backbones baseline_bn", "--no-pretrained", "the download failed",
+                          "resnet18: resnet18-", "mobilenet_v2: mobilenet_v2-")
+    assert proc.stderr.count("URLError") == 2  # each backbone with its own reason, not only the first
 
 
 def test_bad_data_dir_fails_before_ray(tmp_path):
