@@ -18,12 +18,11 @@ from test_datasets_kaggle import _tif, make_layout
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_unchanged_source_reuses_cache_fast(tmp_path):
+def test_unchanged_source_reuses_cache(tmp_path):
+    """The same cache folder comes back (no decoding: test_reuse_does_not_decode; no clock in a unit test)."""
     data = make_layout(tmp_path / "d")
     first = prepare_dataset(data, tmp_path / "c", progress=False)
-    t0 = time.perf_counter()
     again = prepare_dataset(data, tmp_path / "c", progress=False)
-    assert time.perf_counter() - t0 < 5  # generous: the point is that nothing is decoded (see next assert)
     assert again.path == first.path and again.fingerprint == first.fingerprint
     assert isinstance(again.images, np.memmap) and not again.images.flags.writeable
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -96,10 +95,8 @@ def test_synthetic_label_rule_matches_tumour_masks():
     assert 0.32 < data.labels.mean() < 0.48
 
 
-def test_synthetic_is_deterministic_and_fast():
-    t0 = time.perf_counter()
-    a = generate(n=300, seed=1)
-    assert time.perf_counter() - t0 < 30  # generous for a loaded 2-core CI machine; bench figure is in README
+def test_synthetic_is_deterministic():
+    a = generate(n=300, seed=1)  # its speed is a benchmark's (README), not a unit test's
     b = generate(n=300, seed=1)
     assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
     assert not np.array_equal(a.images, generate(n=300, seed=2).images)
