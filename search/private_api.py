@@ -18,6 +18,7 @@ tests/test_private_api.py fails with a message naming the part when an upgrade r
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -35,7 +36,8 @@ def restored_run_config(tuner):
 
 
 def fit_watching_ctrl_c(tuner):
-    """Tuner.fit(), and whether a Ctrl-C ended it. Ray swaps in its own SIGINT handler during fit, saves the
+    """Tuner.fit() with Ray's deletion of superseded checkpoints held back (keeping_checkpoints), and whether a
+    Ctrl-C ended it. Ray swaps in its own SIGINT handler during fit, saves the
     state on the first Ctrl-C, returns normally, and puts the previous handler back only in that case: so
     finding our handler installed again afterwards means the search was interrupted. A second Ctrl-C (during
     Ray's saving, or with Ray's handler off) raises KeyboardInterrupt."""
@@ -44,12 +46,34 @@ def fit_watching_ctrl_c(tuner):
 
     previous = signal.signal(signal.SIGINT, second_ctrl_c)
     try:
-        grid = tuner.fit()
+        with keeping_checkpoints():
+            grid = tuner.fit()
         ray_caught = signal.getsignal(signal.SIGINT) is second_ctrl_c and \
             os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
     finally:
         signal.signal(signal.SIGINT, previous)
     return grid, ray_caught
+
+
+@contextlib.contextmanager
+def keeping_checkpoints():
+    """While the search runs, Ray's checkpoint manager deletes nothing (``_delete_fs_path`` of
+    ray.train._internal.checkpoint_manager, which ``_CheckpointManager.register_checkpoint`` calls for checkpoints
+    beyond ``num_to_keep``); search.tuner.prune_checkpoints deletes them once the search is over.
+
+    Why: Ray deletes a superseded checkpoint the moment a better one is registered, but the experiment state that
+    names the trial's latest checkpoint reaches the storage only with the next (forced, asynchronous) snapshot; a
+    driver killed in between left --resume pointing at a deleted checkpoint ("Could not recover from checkpoint as
+    it does not exist on storage anymore"). num_to_keep stays set because it is what makes Ray snapshot the state
+    after every checkpoint, so a resume continues from the latest epoch."""
+    from ray.train._internal import checkpoint_manager
+
+    deleting = checkpoint_manager._delete_fs_path
+    checkpoint_manager._delete_fs_path = lambda fs, fs_path: None
+    try:
+        yield
+    finally:
+        checkpoint_manager._delete_fs_path = deleting
 
 
 def optuna_trials(search) -> dict:

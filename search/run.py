@@ -24,7 +24,7 @@ from search.plan import Plan, plan_search
 from search.settings import SPACE_COPY, load_settings, save_settings
 from search.spaces import list_spaces
 from search.storage import uri_for
-from search.tuner import build_tuner, check_nodes, make_trainable, start_ray
+from search.tuner import build_tuner, check_nodes, make_trainable, prune_checkpoints, start_ray
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -190,6 +190,8 @@ def run_search(plan: Plan, progress: bool = True) -> dict:
     if not plan.args.stock_feedback:
         searcher.settle_study(plan.study_storage, plan.name,
                               {s.trial_id: (s.outcome, s.last_result) for s in summaries}, search_over=not interrupted)
+    if not interrupted:  # the state Ray saved at the end names only kept checkpoints of unfinished trials
+        prune_checkpoints(grid, {s.checkpoint_path for s in summaries if s.checkpoint_path}, unfinished)
     for s in summaries:  # Ray names checkpoints inside its filesystem: keep the storage URI for later readers
         s.checkpoint_path = uri_for(s.checkpoint_path, plan.storage_path)
     plan.interrupted, plan.unfinished = interrupted, len(unfinished)

@@ -90,7 +90,8 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str):
                                     reuse_actors=plan.space.cached_features),
         run_config=tune.RunConfig(
             name=plan.name, storage_path=plan.storage_path, callbacks=callbacks,
-            # Keep the best epoch's checkpoint (the model the objective describes; Ray keeps the latest too).
+            # The best epoch's checkpoint (the model the objective describes) and the latest; Ray deletes the others
+            # only after the search (private_api.keeping_checkpoints, prune_checkpoints).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_auc",
                                                     checkpoint_score_order=MODE),
             # Errors in a trial are recorded and the search goes on; on a cluster, retry a trial whose node
@@ -99,3 +100,29 @@ def build_tuner(plan: Plan, trainable, parent_run_id: str):
             progress_reporter=live_table.make_reporter(plan),
             verbose=1),
     )
+
+
+def prune_checkpoints(result_grid, keep: set[str], unfinished: set[str]) -> int:
+    """After the search: every finished trial keeps its best epoch's checkpoint (``keep``: the leaderboard's paths,
+    as Ray's filesystem names them) and its latest; its other checkpoint folders are deleted. Unfinished trials
+    (``--resume`` continues them) keep all. Returns how many were deleted.
+
+    During the search Ray deletes nothing (search.private_api.keeping_checkpoints says why), so a search holds
+    every epoch's checkpoint of its trials until it ends."""
+    import pyarrow.fs
+
+    deleted = 0
+    for result in result_grid:
+        if (result.metrics or {}).get("trial_id") in unfinished or result.path is None:
+            continue
+        fs = result.filesystem
+        latest = result.checkpoint.path if result.checkpoint else None
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(result.path)):
+            name = info.path.rstrip("/").rsplit("/", 1)[-1]
+            if info.type != pyarrow.fs.FileType.Directory or not name.startswith("checkpoint_"):
+                continue
+            if info.path in keep or info.path == latest:
+                continue
+            fs.delete_dir(info.path)
+            deleted += 1
+    return deleted

@@ -87,3 +87,17 @@ def test_ctrl_c_is_told_from_a_finished_fit(ray_local, tmp_path):
         timer.cancel()
     assert interrupted, f"Ray's SIGINT handling changed (tune.tune._setup_signal_catching): {UPDATE}"
     assert any(r.metrics.get("epoch", 0) < 20 for r in grid)
+
+
+def test_ray_checkpoint_manager_deletes_through_the_function_keeping_checkpoints_holds_back():
+    import inspect
+
+    from ray.train._internal import checkpoint_manager
+
+    assert callable(getattr(checkpoint_manager, "_delete_fs_path", None)), \
+        f"ray.train._internal.checkpoint_manager._delete_fs_path is gone: {UPDATE}"
+    source = inspect.getsource(checkpoint_manager._CheckpointManager.register_checkpoint)
+    assert "_delete_fs_path(" in source, f"register_checkpoint no longer deletes through _delete_fs_path: {UPDATE}"
+    with private_api.keeping_checkpoints():
+        assert checkpoint_manager._delete_fs_path("fs", "path") is None
+    assert checkpoint_manager._delete_fs_path is not None and "lambda" not in repr(checkpoint_manager._delete_fs_path)
