@@ -151,11 +151,13 @@ STRATEGIES: dict[str, Strategy] = {
     "defaults": Strategy(),  # search.run's defaults
     "defaults_no_start": Strategy(start=False),
 }
-CANDIDATES: dict[str, Strategy] = {  # part 2: one change at a time from the defaults (without starting points)
+CANDIDATES: dict[str, Strategy] = {  # part 2: sampler and ASHA settings, each without starting points
     "startup_2": Strategy(start=False, n_startup=2), "startup_10": Strategy(start=False, n_startup=10),
     "independent": Strategy(start=False, multivariate=False), "no_liar": Strategy(start=False, constant_liar=False),
-    "grace_1": Strategy(start=False, grace_period=1),
-    "rf_2": Strategy(start=False, reduction_factor=2), "brackets_2": Strategy(start=False, brackets=2),
+    "grace_1": Strategy(start=False, grace_period=1), "grace_2": Strategy(start=False, grace_period=2),
+    "rf_2": Strategy(start=False, reduction_factor=2), "rf_3": Strategy(start=False, reduction_factor=3),
+    "grace_1_rf_2": Strategy(start=False, grace_period=1, reduction_factor=2),
+    "brackets_2": Strategy(start=False, brackets=2),
 }
 
 
