@@ -13,12 +13,17 @@ Each one is here because Ray 2.60 has no public way to do it:
   subclass must reach to tell Optuna the real outcome of a trial Ray withheld results from.
 - Optuna's ``FrozenTrial._trial_id``: the storage id a ``optuna.trial.Trial`` needs to settle a RUNNING
   trial after the search.
+- The text of Ray's warning "Failed to fetch metrics for N trial(s)" (ray.tune.analysis.experiment_analysis),
+  which a time budget triggers for a trial it cut before its first result: the leaderboard already says so
+  ("ended before its first epoch"), so that case is filtered out (``quiet_never_reported``); any other failure
+  to read a trial's results still shows.
 
 tests/test_private_api.py fails with a message naming the part when an upgrade renames or changes one.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 
@@ -44,6 +49,7 @@ def fit_watching_ctrl_c(tuner):
     def second_ctrl_c(sig, frame):
         raise KeyboardInterrupt
 
+    quiet_never_reported()
     previous = signal.signal(signal.SIGINT, second_ctrl_c)
     try:
         with keeping_checkpoints():
@@ -53,6 +59,30 @@ def fit_watching_ctrl_c(tuner):
     finally:
         signal.signal(signal.SIGINT, previous)
     return grid, ray_caught
+
+
+RAY_ANALYSIS_LOGGER = "ray.tune.analysis.experiment_analysis"
+NO_METRICS = "Failed to fetch metrics for"
+NEVER_REPORTED = "both result.json and progress.csv were not found"
+
+
+class NeverReportedFilter(logging.Filter):
+    """Drops Ray's "Failed to fetch metrics" warning when every trial it names never reported (no result file):
+    a trial the time budget cut before its first epoch, which the leaderboard lists as such."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(NO_METRICS):
+            return True
+        failures = message.splitlines()[1:]
+        return not (failures and all(NEVER_REPORTED in line for line in failures))
+
+
+def quiet_never_reported() -> None:
+    """Install NeverReportedFilter on Ray's analysis logger (once per process)."""
+    logger = logging.getLogger(RAY_ANALYSIS_LOGGER)
+    if not any(isinstance(f, NeverReportedFilter) for f in logger.filters):
+        logger.addFilter(NeverReportedFilter())
 
 
 @contextlib.contextmanager

@@ -101,3 +101,37 @@ def test_ray_checkpoint_manager_deletes_through_the_function_keeping_checkpoints
     with private_api.keeping_checkpoints():
         assert checkpoint_manager._delete_fs_path("fs", "path") is None
     assert checkpoint_manager._delete_fs_path is not None and "lambda" not in repr(checkpoint_manager._delete_fs_path)
+
+
+
+def test_ray_warns_of_a_trial_without_results_in_the_words_the_filter_drops():
+    """A time budget that cuts a trial before its first result (its actor still starting) leaves no result file,
+    and Ray warns "Failed to fetch metrics"; NeverReportedFilter drops exactly that warning (the leaderboard
+    says "ended before its first epoch"). The cut itself depends on timing, so Ray's words are read from its
+    source, and the filter is run on a record built the way Ray builds it."""
+    import inspect
+    import logging
+
+    from ray.tune.analysis import experiment_analysis
+
+    assert experiment_analysis.logger.name == private_api.RAY_ANALYSIS_LOGGER, f"Ray's logger moved: {UPDATE}"
+    fetch_all = inspect.getsource(experiment_analysis.ExperimentAnalysis._fetch_trial_dataframes)
+    assert private_api.NO_METRICS in fetch_all, f"Ray's warning for unreadable results changed: {UPDATE}"
+    fetch_one = inspect.getsource(experiment_analysis.ExperimentAnalysis._fetch_trial_dataframe)
+    words = all(w in fetch_one for w in ("{EXPR_RESULT_FILE} and", "{EXPR_PROGRESS_FILE} were not found"))
+    files = (experiment_analysis.EXPR_RESULT_FILE, experiment_analysis.EXPR_PROGRESS_FILE)
+    assert words and f"both {files[0]} and {files[1]} were not found" == private_api.NEVER_REPORTED, \
+        f"Ray's words for a trial without results changed: {UPDATE}"
+
+    def record(failures: str) -> logging.LogRecord:
+        return logging.LogRecord(private_api.RAY_ANALYSIS_LOGGER, logging.WARNING, __file__, 1,
+                                 f"{private_api.NO_METRICS} 1 trial(s):\n{failures}", None, None)
+    cut = record(f"- train_pcam_f3a28991: FileNotFoundError('Could not fetch metrics for train_pcam_f3a28991: "
+                 f"{private_api.NEVER_REPORTED} at /r/ray/x/train_pcam_f3a28991_30')")
+    assert not private_api.NeverReportedFilter().filter(cut)
+    assert private_api.NeverReportedFilter().filter(record("- t: JSONDecodeError('bad line')")), \
+        "another failure to read a trial's results must still show"
+    assert private_api.NeverReportedFilter().filter(record("")) is True
+    private_api.quiet_never_reported()
+    private_api.quiet_never_reported()
+    assert sum(isinstance(f, private_api.NeverReportedFilter) for f in experiment_analysis.logger.filters) == 1
