@@ -68,7 +68,8 @@ NEVER_REPORTED = "both result.json and progress.csv were not found"
 
 class NeverReportedFilter(logging.Filter):
     """Drops Ray's "Failed to fetch metrics" warning when every trial it names never reported (no result file):
-    a trial the time budget cut before its first epoch, which the leaderboard lists as such."""
+    a trial the time budget cut before its first epoch, or one that failed before it; the leaderboard lists
+    either with its status (and Ray reports the error itself)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
