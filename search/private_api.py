@@ -41,8 +41,8 @@ def restored_run_config(tuner):
 
 
 def fit_watching_ctrl_c(tuner):
-    """Tuner.fit() with Ray's deletion of superseded checkpoints held back (keeping_checkpoints), and whether a
-    Ctrl-C ended it. Ray swaps in its own SIGINT handler during fit, saves the
+    """Tuner.fit() with Ray's deletion of superseded checkpoints held back (keeping_checkpoints) and its warning
+    about trials without results quieted (quiet_never_reported), and whether a Ctrl-C ended it. Ray swaps in its own SIGINT handler during fit, saves the
     state on the first Ctrl-C, returns normally, and puts the previous handler back only in that case: so
     finding our handler installed again afterwards means the search was interrupted. A second Ctrl-C (during
     Ray's saving, or with Ray's handler off) raises KeyboardInterrupt."""

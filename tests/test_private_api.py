@@ -103,7 +103,6 @@ def test_ray_checkpoint_manager_deletes_through_the_function_keeping_checkpoints
     assert checkpoint_manager._delete_fs_path is not None and "lambda" not in repr(checkpoint_manager._delete_fs_path)
 
 
-
 def test_ray_warns_of_a_trial_without_results_in_the_words_the_filter_drops():
     """A time budget that cuts a trial before its first result (its actor still starting) leaves no result file,
     and Ray warns "Failed to fetch metrics"; NeverReportedFilter drops exactly that warning (the leaderboard
